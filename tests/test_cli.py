@@ -1,0 +1,40 @@
+"""Command-line behaviour that needs a real process: exit codes and one-line errors without tracebacks."""
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-c", "import sys; from relicv2.cli import train_main; sys.exit(train_main())", *args],
+                          capture_output=True, text=True, timeout=120, cwd=cwd)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--preset", "huge"], "allowed: paper, demo, tiny"),
+    (["--set", "loss.alpah=0.5"], "did you mean 'alpha'"),
+    (["--set", "train.batch_size=abc"], "'train.batch_size' expects an int"),
+    (["--set", "train.batch_size=0.5"], "'train.batch_size' expects an int"),
+    (["--set", "loss.objective=simclr"], "one of 'relicv2', 'infonce', 'byol'"),
+    (["--set", "alpha=0.5"], "section.field=value"),
+    (["--config", "missing.yaml"], "does not exist"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, needle):
+    r = run(*args)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert lines[0].startswith("relicv2-train: error:") and needle in lines[0], lines[0]
+
+
+def test_config_file_then_set_overrides(tmp_path):
+    (tmp_path / "run.yaml").write_text("preset: tiny\nloss:\n  alpha: 0.25\n  tau: 0.3\n")
+    r = run("--config", str(tmp_path / "run.yaml"), "--set", "loss.tau=0.1", "--print-config")
+    assert r.returncode == 0, r.stderr
+    assert "alpha: 0.25" in r.stdout and "tau: 0.1" in r.stdout and "width: 0.0625" in r.stdout
+
+
+def test_bad_config_file_names_the_field(tmp_path):
+    (tmp_path / "run.json").write_text('{"loss": {"alpha": "lots"}}')
+    r = run("--config", str(tmp_path / "run.json"))
+    assert r.returncode == 2 and "'loss.alpha' expects a float" in r.stderr, r.stderr

@@ -1,0 +1,37 @@
+"""The package as a user meets it: importable in a fresh interpreter, README in step with index.ipynb."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_import_in_fresh_interpreter():
+    code = "import relicv2, relicv2.config, relicv2.cli; print(relicv2.__version__)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=120)
+    assert r.returncode == 0, r.stderr
+    version = [l for l in (ROOT / "settings.ini").read_text().splitlines() if l.startswith("version")][0]
+    assert r.stdout.strip() == version.split("=")[1].strip()
+
+
+def test_readme_matches_index_notebook():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import make_readme
+    assert (ROOT / "README.md").read_text(encoding="utf-8") == make_readme.render(ROOT / "nbs" / "index.ipynb"), \
+        "README.md drifted from nbs/index.ipynb: run `python scripts/make_readme.py`"
+
+
+def test_index_maps_every_notebook():
+    index = "".join(c for cell in json.loads((ROOT / "nbs" / "index.ipynb").read_text())["cells"] for c in cell["source"])
+    missing = [p.name for p in sorted((ROOT / "nbs").glob("[0-9]*.ipynb")) if f"`{p.name}`" not in index]
+    assert not missing, f"notebooks missing from the map in nbs/index.ipynb: {missing}"
+
+
+def test_readme_states_the_two_commands_ci_runs():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "pip install -e . && relicv2-train" in readme
+    assert 'pip install -e ".[dev]" && nbdev_test && pytest' in readme
+    for step in ('pip install -q -e ".[dev]"', "nbdev_test", "pytest"):
+        assert step in ci
