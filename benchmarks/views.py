@@ -1,0 +1,115 @@
+"""Views per second: relicv2's batched view generator vs the same ops per image with torchvision.transforms.v2.
+
+Both pipelines make, for every image of one batch, L large views (BYOL's two pipelines alternating, background
+removal with probability p_m on large views) and S small views: random resized crop (bicubic), horizontal flip,
+colour jitter (p 0.8), grayscale (p 0.2), gaussian blur (p 1.0 / 0.1), solarize (p 0.0 / 0.2). The baseline is
+the usual way: a Python loop over images and views calling torchvision.transforms.v2 on uint8 tensors (what a
+DataLoader worker would do), with the mask applied per image. Timings alternate the two pipelines, repeat by
+repeat, in one process, so that a change of machine load hits both; the figure for each is the median.
+
+Usage: python benchmarks/views.py [--quick] [--device cpu|cuda] [--batch-size 256] [--image-size 64] ...
+Prints one summary line per figure (batched views/s, per-image views/s, speedup).
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+from torchvision.transforms import v2
+
+from relicv2.views import ViewGenerator, blur_kernel_size
+
+
+def make_batch(n: int, size: int, seed: int = 0):
+    "Random uint8 images with a disc-shaped foreground mask each (covering about 10-40% of the image)."
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    c = torch.rand(n, 2, generator=g) * size * 0.5 + size * 0.25
+    r = (torch.rand(n, generator=g) * 0.2 + 0.2) * size
+    masks = ((xx - c[:, 0, None, None]) ** 2 + (yy - c[:, 1, None, None]) ** 2 < r[:, None, None] ** 2)
+    return images, masks[:, None].to(torch.uint8)
+
+
+def torchvision_pipelines(gen: ViewGenerator) -> dict:
+    "The per-image torchvision.transforms.v2 pipelines: (large|small, view type) -> Compose."
+    bicubic = v2.InterpolationMode.BICUBIC
+    def pipe(size, scale, t):
+        return v2.Compose([
+            v2.RandomResizedCrop(size, scale=scale, ratio=gen.ratio, interpolation=bicubic, antialias=True),
+            v2.RandomHorizontalFlip(gen.flip_prob),
+            v2.RandomApply([v2.ColorJitter(gen.brightness, gen.contrast, gen.saturation, gen.hue)], p=gen.jitter_prob),
+            v2.RandomGrayscale(gen.grayscale_prob),
+            v2.RandomApply([v2.GaussianBlur(blur_kernel_size(size), sigma=gen.blur_sigma)], p=gen.blur_prob[t]),
+            v2.RandomSolarize(threshold=128, p=gen.solarize_prob[t]),
+            v2.ToDtype(torch.float32, scale=True),
+        ])
+    return {(k, t): pipe(gen.large_size if k == "large" else gen.small_size, gen.large_scale if k == "large" else gen.small_scale, t)
+            for k in ("large", "small") for t in (0, 1)}
+
+
+def per_image_views(images, masks, gen: ViewGenerator, pipes: dict):
+    "The same views made one image and one view at a time."
+    large, small = [], []
+    for img, m in zip(images, masks):
+        usable = m.float().mean() >= gen.min_mask_coverage
+        for i in range(gen.n_large):
+            x = img * m if usable and torch.rand(()) < gen.mask_prob else img  # background to zeros
+            large.append(pipes[("large", i % 2)](x))
+        for i in range(gen.n_small):
+            small.append(pipes[("small", i % 2)](img))
+    return large, small
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a short run (< 30 s): fewer repeats, baseline on 32 images")
+    ap.add_argument("--device", default="cpu", help="device of the batched pipeline (the baseline always runs on the CPU)")
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--large-size", type=int, default=32)
+    ap.add_argument("--small-size", type=int, default=16)
+    ap.add_argument("--n-large", type=int, default=4)
+    ap.add_argument("--n-small", type=int, default=2)
+    ap.add_argument("--mask-prob", type=float, default=0.5)
+    ap.add_argument("--repeats", type=int, default=None, help="timed repeats of each pipeline (default 7, quick 3)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    a = ap.parse_args(argv)
+    if a.threads: torch.set_num_threads(a.threads)
+    repeats = a.repeats or (3 if a.quick else 7)
+    n_base = min(a.batch_size, 32) if a.quick else a.batch_size  # images per baseline repeat
+    device = torch.device(a.device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+    gen = ViewGenerator(n_large=a.n_large, n_small=a.n_small, large_size=a.large_size, small_size=a.small_size,
+                        mask_prob=a.mask_prob)
+    pipes = torchvision_pipelines(gen)
+    images, masks = make_batch(a.batch_size, a.image_size)
+    d_images, d_masks = images.to(device), masks.to(device)
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    views_per_image = a.n_large + a.n_small
+
+    gen(d_images, d_masks, generator=g); sync()  # warm-up
+    per_image_views(images[:4], masks[:4], gen, pipes)
+    t_batched, t_loop = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter(); gen(d_images, d_masks, generator=g); sync(); t_batched.append(time.perf_counter() - t0)
+        t0 = time.perf_counter(); per_image_views(images[:n_base], masks[:n_base], gen, pipes); t_loop.append(time.perf_counter() - t0)
+    tb, tl = statistics.median(t_batched), statistics.median(t_loop)
+    vb, vl = views_per_image * a.batch_size / tb, views_per_image * n_base / tl
+
+    print(f"# views benchmark: batch {a.batch_size} x {a.image_size} px, {a.n_large} large @ {a.large_size} px + "
+          f"{a.n_small} small @ {a.small_size} px, mask_prob {a.mask_prob}, device {device}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, {repeats} repeats"
+          + (", quick" if a.quick else ""))
+    print(f"batched relicv2.views.ViewGenerator: {vb:.0f} views/s (median {tb * 1e3:.1f} ms per batch of {a.batch_size})")
+    print(f"per-image torchvision.transforms.v2 loop: {vl:.0f} views/s (median {tl * 1e3:.1f} ms per {n_base} images)")
+    print(f"speedup batched / per-image: {vb / vl:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""Training behaviour that needs processes, crashes or many steps: DDP equivalence, crash-safe checkpoints,
+corrupt checkpoints, divergence stop."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import relicv2.train as train
+from relicv2.config import preset, update
+from relicv2.train import CheckpointError, TrainingDiverged, fit, list_checkpoints, load_checkpoint
+
+# Views without randomness (whole-image crops, no colour ops), so that one and two processes see identical views.
+DETERMINISTIC_VIEWS = {"views.large_scale": "1,1", "views.small_scale": "1,1", "views.ratio": "1,1", "views.flip_prob": 0,
+                       "views.jitter_prob": 0, "views.grayscale_prob": 0, "views.blur_prob": "0,0",
+                       "views.solarize_prob": "0,0", "views.mask_prob": 0}
+
+
+def tiny(out_dir, **kw):
+    return update(preset("tiny"), {"train.out_dir": str(out_dir), **kw})
+
+
+def test_two_process_ddp_equals_one_process_on_the_global_batch(tmp_path):
+    over = {**DETERMINISTIC_VIEWS, "loss.n_negatives": "none", "train.sync_bn": "true", "train.ckpt_every": 100,
+            "train.device": "cpu"}
+    sets = " ".join(f"--set {k}={v}" for k, v in over.items())
+    one = subprocess.run([sys.executable, "-c", "import sys; from relicv2.cli import train_main; sys.exit(train_main())",
+                          "--preset", "tiny", "--no-eval", "--set", f"train.out_dir={tmp_path / 'one'}", *sets.split()],
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "--no-python", "relicv2-train", "--preset", "tiny", "--no-eval",
+                          "--set", f"train.out_dir={tmp_path / 'two'}", *sets.split()],
+                         capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    rows = [[json.loads(l) for l in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("one", "two")]
+    assert [r["step"] for r in rows[0]] == [r["step"] for r in rows[1]] == [1, 2, 3, 4]
+    for a, b in zip(*rows):
+        assert abs(a["loss"] - b["loss"]) < 1e-4 * max(1, abs(a["loss"])), (a["loss"], b["loss"])
+    s1, s2 = (load_checkpoint(list_checkpoints(tmp_path / d)[-1]) for d in ("one", "two"))
+    assert s2["world_size"] == 2 and len(s2["rng"]) == 2
+    for name in ("online", "target"):
+        for k, v in s1[name].items():
+            if v.is_floating_point():
+                torch.testing.assert_close(s2[name][k], v, rtol=1e-4, atol=1e-5, msg=f"{name}.{k}")
+
+
+def test_crash_while_writing_a_checkpoint_keeps_the_last_good_one(tmp_path, monkeypatch):
+    ref = fit(tiny(tmp_path / "ref", **{"train.epochs": 2}), progress=False)
+    cfg = tiny(tmp_path / "run", **{"train.epochs": 2, "train.ckpt_every": 3})
+    real_save, calls = torch.save, []
+
+    def failing_save(obj, f, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:  # the second checkpoint: write half a file, then die
+            f.write(b"partial"); raise OSError("disk full (simulated)")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(train.torch, "save", failing_save)
+    with pytest.raises(OSError, match="simulated"):
+        fit(cfg, progress=False)
+    monkeypatch.setattr(train.torch, "save", real_save)
+    folder = tmp_path / "run" / "checkpoints"
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_0000003.pt"]
+    assert not [p for p in folder.iterdir() if p.name.startswith(".tmp_")], "temporary file left behind"
+    assert load_checkpoint(folder / "step_0000003.pt")["step"] == 3
+    res = fit(cfg, progress=False)  # auto-resume from step 3
+    assert res.steps == ref.steps == 8
+    for (k, a), b in zip(ref.online.state_dict().items(), res.online.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_corrupt_checkpoint_is_refused_by_name(tmp_path):
+    cfg = tiny(tmp_path / "run")
+    fit(cfg, max_steps=2, progress=False)
+    last = list_checkpoints(tmp_path / "run")[-1]
+    last.write_bytes(last.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="corrupt or truncated") as e:
+        fit(cfg, progress=False)
+    assert last.name in str(e.value)
+    r = subprocess.run([sys.executable, "-c", "import sys; from relicv2.cli import train_main; sys.exit(train_main())",
+                        "--preset", "tiny", "--set", f"train.out_dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "corrupt or truncated" in r.stderr, r.stderr
+
+
+def test_incompatible_checkpoint_is_refused(tmp_path):
+    fit(tiny(tmp_path / "run"), max_steps=2, progress=False)
+    with pytest.raises(CheckpointError, match="encoder.width"):
+        fit(tiny(tmp_path / "run", **{"encoder.width": 0.125}), progress=False)
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    cfg = tiny(tmp_path / "run", **{"train.ckpt_every": 2, "train.epochs": 2})
+    real, calls = train.ReLICv2Loss.forward, []
+
+    def nan_at_step_5(self, *a, **k):
+        loss, terms = real(self, *a, **k)
+        calls.append(1)
+        return (loss * float("nan"), terms) if len(calls) == 6 else (loss, terms)
+
+    monkeypatch.setattr(train.ReLICv2Loss, "forward", nan_at_step_5)
+    with pytest.raises(TrainingDiverged, match=r"at step 5; the last good checkpoint is .*step_0000004\.pt"):
+        fit(cfg, progress=False)
+    state = load_checkpoint(list_checkpoints(tmp_path / "run")[-1])
+    assert state["step"] == 4
+    assert all(torch.isfinite(v).all() for v in state["online"].values() if v.is_floating_point())
+
+
+def test_fresh_start_never_overwrites_checkpoints(tmp_path):
+    cfg = tiny(tmp_path / "run")
+    fit(cfg, max_steps=1, progress=False)
+    before = {p.name: p.read_bytes() for p in list_checkpoints(tmp_path / "run")}
+    with pytest.raises(CheckpointError, match="already holds checkpoints"):
+        fit(cfg, resume=False, progress=False)
+    assert {p.name: p.read_bytes() for p in list_checkpoints(tmp_path / "run")} == before
+
+
+def test_batch_not_divisible_by_processes_and_fp16_on_cpu(tmp_path):
+    from relicv2.distributed import DistEnv
+    with pytest.raises(ValueError, match="divisible by the number of processes"):
+        fit(tiny(tmp_path / "a", **{"train.batch_size": 15}), env=DistEnv(0, 2, 0, torch.device("cpu")))
+    with pytest.raises(ValueError, match="fp16"):
+        fit(tiny(tmp_path / "b", **{"train.precision": "fp16"}))
