@@ -125,3 +125,20 @@ def test_batch_not_divisible_by_processes_and_fp16_on_cpu(tmp_path):
         fit(tiny(tmp_path / "a", **{"train.batch_size": 15}), env=DistEnv(0, 2, 0, torch.device("cpu")))
     with pytest.raises(ValueError, match="fp16"):
         fit(tiny(tmp_path / "b", **{"train.precision": "fp16"}))
+
+
+def test_supervised_baseline_trains_through_the_same_loop(tmp_path):
+    cfg = tiny(tmp_path / "sup", **{"loss.objective": "supervised", "train.epochs": 2, "optim.base_lr": 0.5})
+    res = fit(cfg, progress=False)
+    state = load_checkpoint(list_checkpoints(tmp_path / "sup")[-1])
+    assert state["target"] is None and any(k.startswith("classifier.") for k in state["online"])
+    rows = [json.loads(l) for l in (tmp_path / "sup" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 9)) and all("cross_entropy" in r for r in rows)
+    assert res.online.classifier.out_features == 10
+
+
+def test_tensorboard_logging(tmp_path):
+    pytest.importorskip("torch.utils.tensorboard", reason="tensorboard is in the dev extra")
+    fit(tiny(tmp_path / "run", **{"train.tensorboard": True}), max_steps=2, progress=False)
+    events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0

@@ -1,0 +1,303 @@
+"kNN against a brute-force numpy computation (ties included), the linear probe, feature extraction and bad input (relicv2.evaluate)."
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from relicv2.config import preset
+from relicv2.data import TensorImages
+from relicv2.encoder import resnet
+from relicv2.evaluate import evaluate, evaluate_from_config, extract_features, format_table, knn_classify, linear_probe
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    "Every tensor here is tiny: one thread avoids OpenMP waits that make small ops 10x slower on a shared CPU."
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ---------------------------------------------------------------- kNN, by brute force
+
+def knn_numpy(train, train_y, test, k, T, n_classes):
+    "One test row at a time: cosine similarities, k nearest (ties: lower train index), exp(s/T) votes, classes ranked (ties: lower class)."
+    train = train / np.linalg.norm(train, axis=1, keepdims=True)
+    test = test / np.linalg.norm(test, axis=1, keepdims=True)
+    ranked = []
+    for q in test:
+        s = train @ q
+        nn_idx = np.argsort(-s, kind="stable")[:k]
+        w = np.exp((s[nn_idx] - s[nn_idx].max()) / T)
+        votes = np.zeros(n_classes)
+        np.add.at(votes, train_y[nn_idx], w)
+        ranked.append(np.argsort(-votes, kind="stable")[:5])
+    return np.stack(ranked)
+
+
+def scores(ranked, y):
+    return 100.0 * np.mean(ranked[:, 0] == y), 100.0 * np.mean((ranked == y[:, None]).any(1))
+
+
+@pytest.mark.parametrize("k,T,C", [(1, 0.07, 3), (5, 0.07, 10), (20, 0.5, 7), (200, 0.07, 10), (300, 0.01, 4)])
+def test_knn_matches_numpy_on_continuous_features(k, T, C):
+    g = torch.Generator().manual_seed(k)
+    train, test = torch.randn(300, 8, generator=g, dtype=torch.float64), torch.randn(50, 8, generator=g, dtype=torch.float64)
+    train_y, test_y = torch.randint(0, C, (300,), generator=g), torch.randint(0, C, (50,), generator=g)
+    r = knn_classify(train, train_y, test, test_y, k=k, temperature=T, n_classes=C, chunk=16)
+    ranked = knn_numpy(train.numpy(), train_y.numpy(), test.numpy(), k, T, C)
+    assert r["predictions"].tolist() == ranked[:, 0].tolist()
+    assert (r["top1"], r["top5"]) == pytest.approx(scores(ranked, test_y.numpy()))
+
+
+def test_knn_matches_numpy_with_many_exact_ties():
+    "Unit vectors whose similarities are exact binary fractions: many equal similarities and equal vote totals."
+    g = torch.Generator().manual_seed(0)
+    eye = torch.eye(4, dtype=torch.float64)
+    train = eye.repeat(6, 1)  # 24 rows, each direction 6 times
+    train_y = torch.randint(0, 5, (24,), generator=g)
+    half = 0.5 * torch.tensor([[1, 1, 1, 1], [1, -1, 1, 1], [1, 1, -1, -1], [-1, 1, 1, -1]], dtype=torch.float64)
+    test = torch.cat([eye, half])
+    test_y = torch.randint(0, 5, (len(test),), generator=g)
+    for k in range(1, 7):  # every chosen neighbour is at the row's best similarity: weights are exactly 1, totals are counts
+        r = knn_classify(train, train_y, test, test_y, k=k, n_classes=5, chunk=3)
+        ranked = knn_numpy(train.numpy(), train_y.numpy(), test.numpy(), k, 0.07, 5)
+        assert r["predictions"].tolist() == ranked[:, 0].tolist(), k
+        assert (r["top1"], r["top5"]) == pytest.approx(scores(ranked, test_y.numpy()))
+
+
+def test_knn_tie_rules():
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
+    # a tie between two equally similar neighbours for the last place: the lower training index is chosen
+    assert knn_classify(x[[0, 2]], torch.tensor([7, 2]), x[:1], k=1)["predictions"].item() == 7
+    # a tie between two classes' votes (one neighbour each, equal similarity): the lower class wins
+    q = torch.tensor([[1.0, 1.0]])
+    assert knn_classify(x[:2], torch.tensor([3, 1]), q, k=2)["predictions"].item() == 1
+    assert knn_classify(x[:2], torch.tensor([1, 3]), q, k=2)["predictions"].item() == 1
+
+
+def test_knn_weighted_vote_beats_majority_at_low_temperature():
+    "One neighbour at cosine 1 against two at cosine 0.8: exp(0.2 / T) > 2 iff T < 0.2 / ln 2 = 0.2885."
+    train = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.8, -0.6]])
+    y, q = torch.tensor([4, 2, 2]), torch.tensor([[1.0, 0.0]])
+    assert knn_classify(train, y, q, k=3, temperature=0.28)["predictions"].item() == 4
+    assert knn_classify(train, y, q, k=3, temperature=0.30)["predictions"].item() == 2
+    assert knn_classify(train, y, q, k=1, temperature=100.0)["predictions"].item() == 4
+
+
+def test_knn_top5_semantics():
+    "Six equally near neighbours of classes 0..5: the vote ranks them 0, 1, ..., 5 (ties: lower class)."
+    train, y = torch.tensor([[1.0, 0.0]]).repeat(6, 1), torch.arange(6)
+    q = torch.tensor([[2.0, 0.0]]).repeat(6, 1)  # the scale of a feature does not matter
+    r = knn_classify(train, y, q, torch.arange(6), k=6, n_classes=10)
+    assert r["top1"] == pytest.approx(100 / 6) and r["top5"] == pytest.approx(500 / 6)  # label 5 is sixth
+    # with fewer than 5 classes the top-5 is always right
+    r = knn_classify(train[:3], y[:3], q[:3], torch.tensor([2, 2, 2]), k=1)
+    assert (r["top1"], r["top5"]) == (0.0, 100.0)
+    assert r["predictions"].dtype == torch.int64
+
+
+def test_knn_chunking_invariance_and_no_labels():
+    g = torch.Generator().manual_seed(1)
+    train, test, y = torch.randn(200, 16, generator=g), torch.randn(37, 16, generator=g), torch.randint(0, 10, (200,), generator=g)
+    ref = knn_classify(train, y, test, k=10)
+    assert ref["top1"] is None and ref["top5"] is None and ref["predictions"].shape == (37,)
+    for chunk in (1, 5, 36, 37, 4096):
+        assert torch.equal(knn_classify(train, y, test, k=10, chunk=chunk)["predictions"], ref["predictions"])
+    half = knn_classify(train.half(), y, test.bfloat16(), k=10)  # half-precision features are promoted
+    assert (half["predictions"] == ref["predictions"]).float().mean() > 0.9
+
+
+# ---------------------------------------------------------------- linear probe
+
+def separable(n, C=10, D=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % C
+    scale = torch.logspace(-3, 2, D)  # dimensions on very different scales
+    x = (torch.eye(C, D)[y] * 3 + 0.2 * torch.randn(n, D, generator=g)) * scale + 5
+    return x, y
+
+
+@pytest.mark.parametrize("batch_size,epochs", [(96, 10), (4096, 40)])  # a last partial batch; one batch larger than N
+def test_linear_probe_reaches_100_on_separable_features(batch_size, epochs):
+    (x, y), (tx, ty) = separable(400), separable(200, seed=1)
+    r = linear_probe(x, y, tx, ty, epochs=epochs, batch_size=batch_size)
+    assert (r["top1"], r["top5"], r["train_top1"]) == (100.0, 100.0, 100.0)
+    assert isinstance(r["classifier"], nn.Linear) and r["classifier"].weight.shape == (10, 32)
+    # the returned layer takes raw features (the standardisation is folded in)
+    assert torch.equal(r["classifier"](tx).argmax(1), ty)
+
+
+def test_linear_probe_standardised_is_invariant_to_feature_scale():
+    g = torch.Generator().manual_seed(2)
+    x, y, tx, ty = torch.randn(400, 8, generator=g), torch.randint(0, 3, (400,), generator=g), torch.randn(100, 8, generator=g), torch.randint(0, 3, (100,), generator=g)
+    a, b = torch.logspace(-3, 3, 8), torch.randn(8, generator=g)
+    r1 = linear_probe(x, y, tx, ty, epochs=5, batch_size=64)
+    r2 = linear_probe(x * a + b, y, tx * a + b, ty, epochs=5, batch_size=64)
+    assert r1["top1"] == r2["top1"] and r1["train_top1"] == r2["train_top1"]
+
+
+def test_linear_probe_is_deterministic():
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(300, 8, generator=g), torch.randint(0, 4, (300,), generator=g)
+    w = [linear_probe(x, y, epochs=3, batch_size=32, seed=s)["classifier"].weight for s in (0, 0, 1)]
+    assert torch.equal(w[0], w[1]) and not torch.equal(w[0], w[2])
+    r = linear_probe(x, y, epochs=3, batch_size=32)
+    assert r["top1"] is None and r["top5"] is None and 0 <= r["train_top1"] <= 100
+
+
+def test_linear_probe_test_label_beyond_training_classes():
+    "A test class never seen in training is simply always wrong (n_classes taken from both label sets)."
+    (x, y), (tx, ty) = separable(200, C=4), separable(40, C=5)
+    r = linear_probe(x, y, tx, ty, epochs=20, batch_size=64)
+    assert r["classifier"].out_features == 5 and r["top1"] == pytest.approx(80.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_probes_run_on_the_features_device(device):
+    (x, y), (tx, ty) = separable(200), separable(50, seed=1)
+    x, y, tx, ty = (t.to(device) for t in (x, y, tx, ty))
+    r = linear_probe(x, y, tx, ty, epochs=20, batch_size=200)
+    assert r["top1"] == 100.0 and r["classifier"].weight.device.type == device
+    scale = torch.logspace(-3, 2, 32, device=device)
+    k = knn_classify((x - 5) / scale, y, (tx - 5) / scale, ty, k=5)  # cosine kNN is not scale-invariant: undo the scales
+    assert k["top1"] == 100.0 and k["predictions"].device.type == device
+
+
+# ---------------------------------------------------------------- bad input
+
+F2, Y2 = torch.randn(10, 4), torch.arange(10) % 3
+
+KNN_BAD = [
+    (dict(k=0), "k must be"), (dict(k=11), r"k must be an int in \[1, 10\]"), (dict(k=2.0), "k must be"), (dict(k=True), "k must be"),
+    (dict(temperature=0.0), "temperature"), (dict(temperature=-1.0), "temperature"), (dict(temperature=math.inf), "temperature"),
+    (dict(temperature=math.nan), "temperature"), (dict(chunk=0), "chunk"), (dict(n_classes=2), "n_classes"),
+    (dict(train_labels=Y2[:9]), "train_labels has 9 labels"), (dict(train_labels=Y2 - 1), "train_labels must be >= 0"),
+    (dict(train_labels=Y2.float()), "train_labels must be a 1-D integer"), (dict(train_feats=F2[:, 0]), "train_feats must be a float"),
+    (dict(train_feats=F2.long()), "train_feats must be a float"), (dict(test_feats=F2[:, :3]), "test_feats must have 4 columns"),
+    (dict(test_labels=Y2[:5]), "test_labels has 5 labels"), (dict(test_labels=-Y2), "test_labels must be >= 0"),
+    (dict(test_feats=F2[:0], test_labels=Y2[:0]), "test_feats must have at least one row"),
+    (dict(train_feats=F2.clone().fill_(math.nan)), "train_feats contains NaN"),
+]
+
+
+@pytest.mark.parametrize("kw,msg", KNN_BAD)
+def test_knn_bad_input(kw, msg):
+    args = dict(train_feats=F2, train_labels=Y2, test_feats=F2, test_labels=Y2, k=3)
+    args.update(kw)
+    with pytest.raises(ValueError, match=msg):
+        knn_classify(args.pop("train_feats"), args.pop("train_labels"), args.pop("test_feats"), args.pop("test_labels"), **args)
+
+
+PROBE_BAD = [
+    (dict(epochs=0), "epochs"), (dict(batch_size=0), "batch_size"), (dict(base_lr=0.0), "base_lr"), (dict(momentum=1.0), "momentum"),
+    (dict(weight_decay=-1.0), "weight_decay"), (dict(test_labels=None), "test_feats and test_labels"),
+    (dict(train_labels=Y2 - 1), "train_labels must be >= 0"), (dict(test_feats=F2[:, :2]), "test_feats must have 4 columns"),
+    (dict(n_classes=1), "n_classes"),
+]
+
+
+@pytest.mark.parametrize("kw,msg", PROBE_BAD)
+def test_linear_probe_bad_input(kw, msg):
+    args = dict(train_feats=F2, train_labels=Y2, test_feats=F2, test_labels=Y2, epochs=1)
+    args.update(kw)
+    with pytest.raises(ValueError, match=msg):
+        linear_probe(args.pop("train_feats"), args.pop("train_labels"), args.pop("test_feats"), args.pop("test_labels"), **args)
+
+
+# ---------------------------------------------------------------- features and evaluate
+
+class MeanColour(nn.Module):
+    "A parameter-free 'encoder': the mean colour of each image, which is what separates the classes below."
+    def forward(self, x): return x.mean((2, 3))
+
+
+def colour_set(n, seed=0, size=8, labelled=True):
+    "Images of one of 3 flat colours (the class) with a little noise."
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 3
+    base = torch.tensor([[200, 30, 30], [30, 200, 30], [30, 30, 200]])[y]
+    images = (base[:, :, None, None] + torch.randint(-20, 21, (n, 3, size, size), generator=g)).to(torch.uint8)
+    return TensorImages(images, y if labelled else torch.full((n,), -1), classes=["r", "g", "b"])
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    torch.manual_seed(0)
+    return resnet("resnet18", width=0.0625, small_stem=True)
+
+
+def test_extract_features_restores_mode_and_is_batch_independent(encoder):
+    data = colour_set(10, size=16)
+    encoder.train()
+    f1, y1 = extract_features(encoder, data, batch_size=3)  # batches of 3, 3, 3 and 1
+    assert encoder.training and f1.shape == (10, encoder.feat_dim) and f1.dtype == torch.float32 and torch.equal(y1, torch.arange(10) % 3)
+    encoder.eval()
+    f10, _ = extract_features(encoder, data, batch_size=10)
+    assert not encoder.training
+    torch.testing.assert_close(f10, f1, atol=1e-5, rtol=1e-4)  # BN in eval mode: a feature does not see its batch
+    encoder.train()
+
+
+def test_extract_features_resizes_whole_images(encoder):
+    data = colour_set(4, size=16)
+    f, _ = extract_features(encoder, data, image_size=8)
+    x = torch.nn.functional.interpolate(data.images.float() / 255, size=(8, 8), mode="bilinear", antialias=True)
+    with torch.no_grad(): ref = encoder.eval()(x.clamp(0, 1))
+    encoder.train()
+    torch.testing.assert_close(f, ref, atol=1e-5, rtol=1e-4)
+    fb, _ = extract_features(encoder, data, dtype=torch.bfloat16)  # autocast on the CPU, features back in float32
+    assert fb.dtype == torch.float32 and fb.shape == (4, encoder.feat_dim)
+
+
+@pytest.mark.parametrize("kw,msg", [(dict(image_size=0), "image_size"), (dict(batch_size=0), "batch_size")])
+def test_extract_features_bad_input(encoder, kw, msg):
+    with pytest.raises(ValueError, match=msg): extract_features(encoder, colour_set(3), **kw)
+    empty = TensorImages(torch.zeros(0, 3, 4, 4, dtype=torch.uint8), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ValueError, match="dataset must not be empty"): extract_features(encoder, empty)
+
+
+def test_evaluate_with_a_perfect_encoder():
+    r = evaluate(MeanColour(), colour_set(60), {"test": colour_set(30, seed=1), "other": colour_set(9, seed=2)},
+                 knn_k=5, linear_epochs=20, linear_batch_size=32)
+    assert list(r) == ["test", "other"]
+    for split in r.values():
+        assert split == dict(knn_top1=100.0, knn_top5=100.0, linear_top1=100.0, linear_top5=100.0)
+
+
+def test_evaluate_bad_input():
+    with pytest.raises(ValueError, match="test_sets must be a non-empty dict"): evaluate(MeanColour(), colour_set(6), {})
+    with pytest.raises(ValueError, match="train_set has items without a label"):
+        evaluate(MeanColour(), colour_set(6, labelled=False), {"test": colour_set(3)})
+    with pytest.raises(ValueError, match="test split 'x' has items without a label"):
+        evaluate(MeanColour(), colour_set(6), {"x": colour_set(3, labelled=False)}, knn_k=2)
+    with pytest.raises(ValueError, match="k must be an int in"): evaluate(MeanColour(), colour_set(6), {"t": colour_set(3)}, knn_k=7)
+
+
+def test_evaluate_from_config_splits(encoder):
+    cfg = preset("tiny")
+    r = evaluate_from_config(encoder, cfg, splits=("test_ood",), n=24, cache_dir=False)
+    assert list(r) == ["test_ood"] and set(r["test_ood"]) == {"knn_top1", "knn_top5", "linear_top1", "linear_top5"}
+    with pytest.raises(ValueError, match="splits must be a non-empty subset of test, test_ood"):
+        evaluate_from_config(encoder, cfg, splits=("val",))
+
+
+def test_format_table():
+    results = {"random init": {"test": {"knn_top1": 12.345, "linear_top1": 20.0}, "test_ood": {"knn_top1": 9.0}},
+               "trained": {"test": {"knn_top1": 80.0, "linear_top1": 85.25}, "test_ood": {"knn_top1": 70.0, "linear_top1": 72.0}}}
+    lines = format_table(results).splitlines()
+    assert len(lines) == 4 and len({len(l) for l in lines[1:]}) == 1  # header of metrics and rows aligned
+    assert lines[0].split() == ["test", "test_ood"] and lines[1].split() == ["knn_top1", "linear_top1"] * 2
+    assert lines[2].split() == ["random", "init", "12.3", "20.0", "9.0", "-"]
+    assert lines[3].split() == ["trained", "80.0", "85.2", "70.0", "72.0"]
+    assert format_table(results, metrics=("linear_top1",), digits=2).splitlines()[3].split() == ["trained", "85.25", "72.00"]
+    assert format_table(results, metrics=("knn_top1",)).splitlines()[0].split() == ["test", "test_ood"]
+    only_test = {"a": {"test": {"knn_top1": 1.0}, "test_ood": {}}}
+    assert format_table(only_test).splitlines()[0].split() == ["test"]  # a split without values gets no column
+    with pytest.raises(ValueError, match="results must be"): format_table({})
+    with pytest.raises(ValueError, match="metrics must name some of knn_top1, linear_top1"): format_table(results, metrics=("top1",))
