@@ -7,8 +7,9 @@ the usual way: a Python loop over images and views calling torchvision.transform
 would do), with the mask applied per image; it runs on float images, which is faster here than on uint8 ones. Timings alternate the two pipelines, repeat by
 repeat, in one process, so that a change of machine load hits both; the figure for each is the median.
 
-Usage: python benchmarks/views.py [--quick] [--device cpu|cuda] [--batch-size 256] [--image-size 64] ...
-Prints one summary line per figure (batched views/s, per-image views/s, speedup).
+Usage: python benchmarks/views.py [--quick] [--threads 2,1] [--mask-prob 0.1] [--device cpu|cuda] [--batch-size 256] ...
+Prints a header line, then for each thread count one summary line per figure: batched views/s, per-image views/s,
+speedup.
 """
 from __future__ import annotations
 
@@ -65,9 +66,30 @@ def per_image_views(images, masks, gen: ViewGenerator, pipes: dict):
     return large, small
 
 
+def tune_malloc():
+    "glibc only: keep freed memory in the process (no trimming), so that big temporaries are not re-mapped every call."
+    import ctypes
+    libc = ctypes.CDLL("libc.so.6")
+    return libc.mallopt(-1, 1 << 30) == 1 and libc.mallopt(-3, 32 << 20) == 1  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD
+
+
+def measure(gen, pipes, images, masks, d_images, d_masks, n_base, repeats, sync, seed=0):
+    "Median seconds per call of the batched pipeline (whole batch) and of the per-image loop (n_base images)."
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    gen(d_images, d_masks, generator=g); sync()  # warm-up
+    per_image_views(images[:4], masks[:4], gen, pipes)
+    t_batched, t_loop = [], []
+    for _ in range(repeats):  # alternate, so that a change of machine load hits both
+        t0 = time.perf_counter(); gen(d_images, d_masks, generator=g); sync(); t_batched.append(time.perf_counter() - t0)
+        t0 = time.perf_counter(); per_image_views(images[:n_base], masks[:n_base], gen, pipes); t_loop.append(time.perf_counter() - t0)
+    return statistics.median(t_batched), statistics.median(t_loop)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="a short run (< 30 s): fewer repeats, baseline on 32 images")
+    ap.add_argument("--quick", action="store_true",
+                    help="a short run (< 30 s): 3 repeats, baseline on 32 images, 1 thread unless --threads is given")
     ap.add_argument("--device", default="cpu", help="device of the batched pipeline (the baseline always runs on the CPU)")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--image-size", type=int, default=64)
@@ -75,41 +97,34 @@ def main(argv=None):
     ap.add_argument("--small-size", type=int, default=16)
     ap.add_argument("--n-large", type=int, default=4)
     ap.add_argument("--n-small", type=int, default=2)
-    ap.add_argument("--mask-prob", type=float, default=0.5)
+    ap.add_argument("--mask-prob", type=float, default=0.1, help="p_m (default: the config's 0.1)")
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats of each pipeline (default 7, quick 3)")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    ap.add_argument("--threads", default=None, help="comma-separated torch thread counts to measure, e.g. 2,1 (default: "
+                    "torch's; 1 with --quick, whose run time must not depend on how busy the machine is)")
+    ap.add_argument("--tune-malloc", action="store_true", help="glibc: no heap trimming (see BENCHMARKS.md)")
     a = ap.parse_args(argv)
-    if a.threads: torch.set_num_threads(a.threads)
+    tuned = tune_malloc() if a.tune_malloc else False
+    threads = [int(t) for t in a.threads.split(",")] if a.threads else [1 if a.quick else torch.get_num_threads()]
     repeats = a.repeats or (3 if a.quick else 7)
     n_base = min(a.batch_size, 32) if a.quick else a.batch_size  # images per baseline repeat
     device = torch.device(a.device)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-
     gen = ViewGenerator(n_large=a.n_large, n_small=a.n_small, large_size=a.large_size, small_size=a.small_size,
                         mask_prob=a.mask_prob)
     pipes = torchvision_pipelines(gen)
     images, masks = make_batch(a.batch_size, a.image_size)
     d_images, d_masks = images.to(device), masks.to(device)
-    g = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
     views_per_image = a.n_large + a.n_small
-
-    gen(d_images, d_masks, generator=g); sync()  # warm-up
-    per_image_views(images[:4], masks[:4], gen, pipes)
-    t_batched, t_loop = [], []
-    for _ in range(repeats):
-        t0 = time.perf_counter(); gen(d_images, d_masks, generator=g); sync(); t_batched.append(time.perf_counter() - t0)
-        t0 = time.perf_counter(); per_image_views(images[:n_base], masks[:n_base], gen, pipes); t_loop.append(time.perf_counter() - t0)
-    tb, tl = statistics.median(t_batched), statistics.median(t_loop)
-    vb, vl = views_per_image * a.batch_size / tb, views_per_image * n_base / tl
-
     print(f"# views benchmark: batch {a.batch_size} x {a.image_size} px, {a.n_large} large @ {a.large_size} px + "
           f"{a.n_small} small @ {a.small_size} px, mask_prob {a.mask_prob}, device {device}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, {repeats} repeats"
-          + (", quick" if a.quick else ""))
-    print(f"batched relicv2.views.ViewGenerator: {vb:.0f} views/s (median {tb * 1e3:.1f} ms per batch of {a.batch_size})")
-    print(f"per-image torchvision.transforms.v2 loop: {vl:.0f} views/s (median {tl * 1e3:.1f} ms per {n_base} images)")
-    print(f"speedup batched / per-image: {vb / vl:.1f}x")
+          f"{platform.machine()}, {repeats} repeats, median" + (", quick" if a.quick else "") + (", tuned malloc" if tuned else ""))
+    for t in threads:
+        torch.set_num_threads(t)
+        tb, tl = measure(gen, pipes, images, masks, d_images, d_masks, n_base, repeats, sync)
+        vb, vl = views_per_image * a.batch_size / tb, views_per_image * n_base / tl
+        print(f"threads={t} batched relicv2.views.ViewGenerator: {vb:.0f} views/s ({tb * 1e3:.1f} ms per batch of {a.batch_size})")
+        print(f"threads={t} per-image torchvision.transforms.v2 loop: {vl:.0f} views/s ({tl * 1e3:.1f} ms per {n_base} images)")
+        print(f"threads={t} speedup batched / per-image: {vb / vl:.1f}x")
 
 
 if __name__ == "__main__":

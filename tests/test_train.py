@@ -142,3 +142,8 @@ def test_tensorboard_logging(tmp_path):
     fit(tiny(tmp_path / "run", **{"train.tensorboard": True}), max_steps=2, progress=False)
     events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+
+
+def test_train_subset_budgets_the_pretraining_set(tmp_path):
+    res = fit(tiny(tmp_path / "run", **{"data.train_subset": 32}), progress=False)
+    assert res.steps == 32 // 16

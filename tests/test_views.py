@@ -295,11 +295,11 @@ def test_swap_needs_two_images():
 
 # ---------------------------------------------------------------- the benchmark script runs and reports
 def test_benchmark_quick_output_is_well_formed():
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "views.py"), "--quick", "--batch-size", "16", "--repeats", "1"],
-                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "views.py"), "--quick", "--batch-size", "16", "--repeats", "1",
+                          "--threads", "1"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
-    assert lines[0].startswith("# views benchmark: batch 16 x 64 px")
-    assert re.fullmatch(r"batched relicv2\.views\.ViewGenerator: \d+ views/s \(median [\d.]+ ms per batch of 16\)", lines[1])
-    assert re.fullmatch(r"per-image torchvision\.transforms\.v2 loop: \d+ views/s \(median [\d.]+ ms per 16 images\)", lines[2])
-    assert re.fullmatch(r"speedup batched / per-image: [\d.]+x", lines[3])
+    assert len(lines) == 4 and lines[0].startswith("# views benchmark: batch 16 x 64 px, 4 large @ 32 px + 2 small @ 16 px")
+    assert re.fullmatch(r"threads=1 batched relicv2\.views\.ViewGenerator: \d+ views/s \([\d.]+ ms per batch of 16\)", lines[1])
+    assert re.fullmatch(r"threads=1 per-image torchvision\.transforms\.v2 loop: \d+ views/s \([\d.]+ ms per 16 images\)", lines[2])
+    assert re.fullmatch(r"threads=1 speedup batched / per-image: [\d.]+x", lines[3])
