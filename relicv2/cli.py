@@ -55,18 +55,18 @@ def run_cli(prog: str,  # the command's name, printed before an error
         print(f"{prog}: error: {_where()}{e}", file=sys.stderr)
         return 1
 
-# %% ../nbs/90_cli.ipynb #9e945afd
+# %% ../nbs/90_cli.ipynb #0f8b7a3a
 def export_encoder(online, run_dir) -> Path:
-    "Save the online encoder's weights (torchvision parameter names); also `encoder_torchvision.pt` when torchvision has the architecture."
+    "Save the online encoder: `encoder.pt` (weights + arch, width, stem) and `encoder_torchvision.pt` (a torchvision state dict)."
     import torch
-    from relicv2.encoder import export_torchvision
     run_dir = Path(run_dir)
-    path = run_dir / "encoder.pt"
     enc = online.encoder
-    torch.save({"arch": enc.arch, "width": enc.width, "small_stem": enc.small_stem, "state_dict": enc.state_dict()}, path)
-    try: torch.save(export_torchvision(enc), run_dir / "encoder_torchvision.pt")
-    except ValueError: pass  # narrow or small-stem encoders have no torchvision builder; encoder.pt still has its names
-    return path
+    weights = {k: v.detach().cpu().contiguous() for k, v in enc.state_dict().items()}  # torchvision's names, no fc
+    torch.save({"arch": enc.arch, "width": enc.width, "small_stem": enc.small_stem, "state_dict": weights}, run_dir / "encoder.pt")
+    # loads strictly into torchvision.models.<arch>() (fc = Identity) at width 1 with the standard stem,
+    # and into relicv2.encoder.torchvision_resnet(arch, width, small_stem) for any encoder
+    torch.save(weights, run_dir / "encoder_torchvision.pt")
+    return run_dir / "encoder.pt"
 
 def evaluate_run(cfg: RunConfig, online, progress: bool = False) -> dict:
     "kNN and linear accuracy of the trained encoder and of the same encoder at its random initialisation."

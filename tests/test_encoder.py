@@ -263,3 +263,16 @@ def test_build_networks_reads_config():
     assert all(p is q for p, q in zip(half.parameters(), online.parameters()))  # shared, not copied
     assert all(torch.equal(target.state_dict()[k], v) for k, v in online.state_dict().items() if not k.startswith("predictor."))
     assert all(p.data_ptr() != q.data_ptr() for p, q in zip(target.parameters(), online.parameters()))  # a copy
+
+
+@pytest.mark.parametrize("arch, width, small_stem", [("resnet50", 0.125, False), ("resnet200", 0.0625, True), ("resnet34", 0.25, True)])
+def test_torchvision_resnet_takes_any_encoder_strictly(arch, width, small_stem):
+    import torchvision
+    from relicv2.encoder import torchvision_resnet
+    torch.manual_seed(0)
+    enc = resnet(arch, width, small_stem).eval()
+    tv = torchvision_resnet(arch, width, small_stem, state_dict=enc.state_dict()).eval()
+    assert isinstance(tv, torchvision.models.resnet.ResNet)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(tv(enc.normalize(x)), enc(x), rtol=1e-4, atol=1e-5)

@@ -147,3 +147,17 @@ def test_tensorboard_logging(tmp_path):
 def test_train_subset_budgets_the_pretraining_set(tmp_path):
     res = fit(tiny(tmp_path / "run", **{"data.train_subset": 32}), progress=False)
     assert res.steps == 32 // 16
+
+
+def test_bf16_autocast_with_channels_last_on_cpu(tmp_path):
+    res = fit(tiny(tmp_path / "run", **{"train.precision": "bf16", "encoder.channels_last": True}), max_steps=2, progress=False)
+    assert res.steps == 2 and torch.isfinite(torch.tensor(res.final_loss))
+    assert all(p.dtype == torch.float32 for p in res.online.parameters())  # autocast, not a bf16 model
+
+
+def test_torch_compile_runs_the_same_loop(tmp_path):
+    # about two minutes on a 2-core CPU, almost all of it compilation
+    ref = fit(tiny(tmp_path / "eager"), max_steps=2, progress=False)
+    res = fit(tiny(tmp_path / "compiled", **{"train.compile": True}), max_steps=2, progress=False)
+    assert res.steps == 2
+    assert abs(res.final_loss - ref.final_loss) < 0.05 * abs(ref.final_loss)
