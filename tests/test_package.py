@@ -35,3 +35,17 @@ def test_readme_states_the_two_commands_ci_runs():
     assert 'pip install -e ".[dev]" && nbdev_test && pytest' in readme
     for step in ('pip install -q -e ".[dev]"', "nbdev_test", "pytest"):
         assert step in ci
+
+
+def test_console_scripts_resolve_and_answer_help():
+    import configparser, importlib, shutil
+    cfg = configparser.ConfigParser(); cfg.read(ROOT / "settings.ini")
+    entries = dict(e.split("=") for e in cfg["DEFAULT"]["console_scripts"].split())
+    assert {"relicv2-train", "relicv2-eval", "relicv2-ablate", "relicv2-saliency"} <= set(entries), entries
+    for name, target in entries.items():
+        module, func = target.split(":")
+        assert callable(getattr(importlib.import_module(module), func)), target
+        exe = shutil.which(name)  # installed by `pip install -e .`
+        if exe is None: continue
+        r = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and f"usage: {name}" in r.stdout, (name, r.stderr[-500:])

@@ -66,7 +66,7 @@ def test_crash_while_writing_a_checkpoint_keeps_the_last_good_one(tmp_path, monk
     monkeypatch.setattr(train.torch, "save", real_save)
     folder = tmp_path / "run" / "checkpoints"
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_0000003.pt"]
-    assert not [p for p in folder.iterdir() if p.name.startswith(".tmp_")], "temporary file left behind"
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")], "temporary file left behind"
     assert load_checkpoint(folder / "step_0000003.pt")["step"] == 3
     res = fit(cfg, progress=False)  # auto-resume from step 3
     assert res.steps == ref.steps == 8
