@@ -26,7 +26,7 @@ from relicv2.encoder import build_networks
 from relicv2.loss import ReLICv2Loss
 from relicv2.optim import lr_schedule, optimizer_from_config, set_lr
 from relicv2.target import momentum_schedule, update_target
-from relicv2.train import ResumableSampler, make_generators
+from relicv2.train import ResumableSampler, make_generators, tune_malloc
 from relicv2.views import ViewGenerator
 
 HERE = Path(__file__).resolve().parent
@@ -170,6 +170,8 @@ class ReLICv2Step:
         B = cfg.train.batch_size
         if B % world_size: raise ValueError(f"train.batch_size={B} must be divisible by the number of processes ({world_size})")
         self.cfg, self.device, self.rank, self.world_size, self.b, self.L = cfg, device, rank, world_size, B // world_size, cfg.views.n_large
+        # as `fit`: on the CPU, glibc keeps freed memory mapped (process-wide: whatever else runs in this process gets it too)
+        self.malloc_tuned = tune_malloc() if cfg.train.tune_malloc and device.type == "cpu" else False
         self.views = ViewGenerator.from_config(cfg.views)
         self.online, self.target = build_networks(cfg.encoder, cfg.heads)
         self.online.to(device); self.target.to(device)

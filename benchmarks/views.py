@@ -21,8 +21,8 @@ import time
 import torch
 from torchvision.transforms import v2
 
+from relicv2.train import tune_malloc
 from relicv2.views import ViewGenerator, blur_kernel_size
-
 
 
 def make_batch(n: int, size: int, seed: int = 0):
@@ -66,13 +66,6 @@ def per_image_views(images, masks, gen: ViewGenerator, pipes: dict):
     return large, small
 
 
-def tune_malloc():
-    "glibc only: keep freed memory in the process (no trimming), so that big temporaries are not re-mapped every call."
-    import ctypes
-    libc = ctypes.CDLL("libc.so.6")
-    return libc.mallopt(-1, 1 << 30) == 1 and libc.mallopt(-3, 32 << 20) == 1  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD
-
-
 def measure(gen, pipes, images, masks, d_images, d_masks, n_base, repeats, sync, seed=0):
     "Median seconds per call of the batched pipeline (whole batch) and of the per-image loop (n_base images)."
     g = torch.Generator().manual_seed(seed)
@@ -103,7 +96,7 @@ def main(argv=None):
                     "torch's; 1 with --quick, whose run time must not depend on how busy the machine is)")
     ap.add_argument("--tune-malloc", action="store_true", help="glibc: no heap trimming (see BENCHMARKS.md)")
     a = ap.parse_args(argv)
-    tuned = tune_malloc() if a.tune_malloc else False
+    tuned = tune_malloc() if a.tune_malloc else False  # relicv2.train.tune_malloc, what `fit` does on the CPU
     threads = [int(t) for t in a.threads.split(",")] if a.threads else [1 if a.quick else torch.get_num_threads()]
     repeats = a.repeats or (3 if a.quick else 7)
     n_base = min(a.batch_size, 32) if a.quick else a.batch_size  # images per baseline repeat

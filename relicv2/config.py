@@ -92,7 +92,7 @@ class TargetConfig:
     "The EMA target network."
     tau_base: float = 0.996  # [B] base EMA momentum, raised to 1 by a cosine schedule per step
 
-# %% ../nbs/00_config.ipynb #55cd50dc
+# %% ../nbs/00_config.ipynb #227ff917
 @dataclass
 class OptimConfig:
     "Optimiser and learning-rate schedule."
@@ -113,6 +113,7 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype; fp16 uses a grad scaler
     compile: bool = False  # torch.compile the networks
     sync_bn: bool = False  # SyncBatchNorm under DDP
+    tune_malloc: bool = True  # on the CPU, keep freed memory mapped (glibc's mallopt; see 09_train)
     out_dir: str = "runs/relicv2"  # run directory: checkpoints, metrics, plots
     ckpt_every: int = 500  # steps between checkpoints (and one at the end)
     keep_last: int = 3  # checkpoints kept
