@@ -140,7 +140,7 @@ def main(argv=None) -> int:
     v, e = cfg.views, cfg.encoder
 
     C.header(device, threads)
-    C.note(f"e2e: preset {a.preset}, {e.arch} x{e.width:g}{' small stem' if e.small_stem else ''}, {cfg.data.image_size} px images, "
+    C.note(f"e2e: preset {a.preset}, {e.arch} x{e.width:g}{' small stem' if e.small_stem else ''}{', channels_last' if e.channels_last else ', NCHW'} (both sides), {cfg.data.image_size} px images, "
            f"{v.n_large} large @ {v.large_size} + {v.n_small} small @ {v.small_size}, batch {B}, {repeats} repeats x {steps} steps "
            f"(+{warmup} warm-up), median; conventional: {workers} DataLoader workers; lightly {__import__('lightly').__version__}"
            + (", quick" if a.quick else ""))

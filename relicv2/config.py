@@ -245,7 +245,7 @@ PRESETS: dict[str, dict] = {
     "demo": {
         "data": {"dataset": "synthetic", "image_size": 64, "synthetic_size": 64, "synthetic_train": 5000},
         "views": {"n_large": 2, "n_small": 2, "large_size": 32, "small_size": 16},
-        "encoder": {"arch": "resnet18", "width": 0.25, "small_stem": True},
+        "encoder": {"arch": "resnet18", "width": 0.25, "small_stem": True, "channels_last": True},
         "heads": {"projector_hidden": 512, "projector_out": 128, "predictor_hidden": 512},
         "loss": {"n_negatives": None},
         "target": {"tau_base": 0.99},
