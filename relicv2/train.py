@@ -85,8 +85,9 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         raise CheckpointError(f"{str(path)!r} is not a relicv2 checkpoint (expected format {CKPT_FORMAT!r})")
     return state
 
-# %% ../nbs/09_train.ipynb #596b3dad
+# %% ../nbs/09_train.ipynb #6d4a716d
 _MUST_MATCH = ("data.dataset", "encoder", "heads", "views", "loss", "optim.optimizer", "train.batch_size", "train.seed")
+_MAY_DIFFER = ("encoder.channels_last",)  # inside _MUST_MATCH's sections, but the same parameters either way
 
 def _flat(d: dict, prefix="") -> dict:
     out = {}
@@ -99,7 +100,7 @@ def check_resumable(saved: dict, cfg: RunConfig, path) -> None:
     "Refuse a checkpoint whose config differs from `cfg` where it matters; warn about other differences."
     old, new = _flat(saved), _flat(to_dict(cfg))
     diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    bad = [k for k in diff if any(k == m or k.startswith(m + ".") for m in _MUST_MATCH)]
+    bad = [k for k in diff if any(k == m or k.startswith(m + ".") for m in _MUST_MATCH) and k not in _MAY_DIFFER]
     if bad:
         raise CheckpointError(f"checkpoint {str(path)!r} was written with a different config: "
                               + ", ".join(f"{k}={old.get(k)!r} (now {new.get(k)!r})" for k in bad[:4])
