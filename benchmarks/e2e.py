@@ -17,8 +17,9 @@ optimiser and EMA.
 The two sides alternate, repeat by repeat, in one process; each repeat is a fresh pass over the data (workers
 started in its untimed warm-up, stopped at its end, so they never run while the other side is timed); the figure is
 the median. On the CPU, `fit` tunes glibc's allocator (`relicv2.train.tune_malloc`); the setting is process-wide, so
-both sides get it here (`--set train.tune_malloc=false` measures both without). A last, separately timed relicv2 run times each part of a step with device synchronisation: the share of
-the loss (its forward; its backward is inside `backward`) and of the EMA update.
+both sides get it here (`--set train.tune_malloc=false` measures both without). A last, separately timed relicv2 run
+times each part of a step with device synchronisation: the share of the loss (its forward; its backward is inside
+`backward`) and of the EMA update.
 
 Usage: python benchmarks/e2e.py [--quick] [--threads N] [--device cpu|cuda] [--preset demo] [--set section.field=value]...
 Prints the machine line, then `e2e_throughput: ...` and `e2e_step_breakdown: ...`.
@@ -140,7 +141,8 @@ def main(argv=None) -> int:
     v, e = cfg.views, cfg.encoder
 
     C.header(device, threads)
-    C.note(f"e2e: preset {a.preset}, {e.arch} x{e.width:g}{' small stem' if e.small_stem else ''}{', channels_last' if e.channels_last else ', NCHW'} (both sides), {cfg.data.image_size} px images, "
+    fmt = "channels_last" if e.channels_last else "NCHW"
+    C.note(f"e2e: preset {a.preset}, {e.arch} x{e.width:g}{' small stem' if e.small_stem else ''}, {fmt} (both sides), {cfg.data.image_size} px images, "
            f"{v.n_large} large @ {v.large_size} + {v.n_small} small @ {v.small_size}, batch {B}, {repeats} repeats x {steps} steps "
            f"(+{warmup} warm-up), median; conventional: {workers} DataLoader workers; lightly {__import__('lightly').__version__}"
            + (", quick" if a.quick else ""))
