@@ -19,10 +19,10 @@ from torch import Tensor
 from .config import ViewsConfig
 
 # %% auto #0
-__all__ = ['JITTER_OPS', 'MASK_FILLS', 'Scratch', 'sample_crop_boxes', 'crop_positions', 'cubic_weights', 'resized_crop',
-           'resized_crop_mask', 'adjust_brightness', 'adjust_contrast', 'rgb_to_hsv', 'hsv_to_rgb', 'adjust_hue',
-           'adjust_saturation', 'color_jitter', 'to_grayscale', 'blur_kernel_size', 'gaussian_blur', 'solarize',
-           'swap_partners', 'remove_background', 'ViewParams', 'ViewGenerator', 'Views']
+__all__ = ['JITTER_OPS', 'MASK_FILLS', 'Scratch', 'sample_crop_boxes', 'crop_positions', 'cubic_weights', 'resized_crops',
+           'resized_crop', 'resized_crop_mask', 'adjust_brightness', 'adjust_contrast', 'rgb_to_hsv', 'hsv_to_rgb',
+           'adjust_hue', 'adjust_saturation', 'color_jitter', 'to_grayscale', 'blur_kernel_size', 'gaussian_blur',
+           'solarize', 'swap_partners', 'remove_background', 'ViewParams', 'ViewGenerator', 'Views']
 
 # %% ../nbs/02_views.ipynb #752ba024
 def _uniform(n: int, k: int, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -61,16 +61,18 @@ def _empty(scratch: Optional[Scratch], name: str, shape: Sequence[int], like: Te
     "A scratch tensor when a `Scratch` is given, else a new one."
     return like.new_empty(shape) if scratch is None else scratch.get(name, shape, like)
 
-# %% ../nbs/02_views.ipynb #f6088747
+# %% ../nbs/02_views.ipynb #74bfd6ec
 def sample_crop_boxes(n: int,  # number of boxes, one per image
                       height: int, width: int,  # size of the images being cropped
                       scale: Sequence[float] = (0.08, 1.0),  # range of the box area, as a fraction of the image's
                       ratio: Sequence[float] = (3 / 4, 4 / 3),  # range of the aspect ratio w / h, drawn log-uniformly
                       generator: Optional[torch.Generator] = None,
                       tries: int = 10,  # attempts before the central-crop fallback
+                      u: Optional[Tensor] = None,  # (n, 2 * tries + 2) uniforms to use instead of drawing them
                      ) -> Tensor:  # (n, 4) float x0, y0, w, h in pixels (whole numbers), on the generator's device
     "Random-resized-crop boxes (torchvision's rule), one per image, every attempt drawn at once."
-    u = _uniform(n, 2 * tries + 2, generator)
+    if u is None: u = _uniform(n, 2 * tries + 2, generator)
+    elif tuple(u.shape) != (n, 2 * tries + 2): raise ValueError(f"u must have shape {(n, 2 * tries + 2)}, got {tuple(u.shape)}")
     area = height * width * (scale[0] + (scale[1] - scale[0]) * u[:, :tries])
     lo, hi = math.log(ratio[0]), math.log(ratio[1])
     aspect = torch.exp(lo + (hi - lo) * u[:, tries:2 * tries])
@@ -85,7 +87,7 @@ def sample_crop_boxes(n: int,  # number of boxes, one per image
     y0 = torch.where(found, torch.floor(u[:, -1] * (height - h + 1)), float((height - fh) // 2))
     return torch.stack((x0, y0, w, h), 1)
 
-# %% ../nbs/02_views.ipynb #749bdc2b
+# %% ../nbs/02_views.ipynb #2176dda0
 def crop_positions(start: Tensor,  # (n,) first source pixel of each crop along this axis (x0 or y0)
                    length: Tensor,  # (n,) crop length in source pixels (w or h)
                    size: int,  # number of output pixels
@@ -110,23 +112,46 @@ def cubic_weights(pos: Tensor,  # (n, size) source coordinates from `crop_positi
     out = pos.new_zeros(*pos.shape, in_size) if out is None else out.zero_()
     return out.scatter_add_(2, idx, w)
 
+def resized_crops(x: Tensor,  # (B, C, H, W) float, contiguous
+                  boxes: Tensor,  # (V, B, 4) x0, y0, w, h in source pixels of V crops of every image, on x's device
+                  flip: Tensor,  # (V, B) bool: mirror left-right
+                  size: int,  # side of the output
+                  a: float = -0.5,  # cubic kernel parameter
+                  x_alt: Optional[Tensor] = None,  # (B, C, H, W): the source of the crops where `use_alt`
+                  use_alt: Optional[Tensor] = None,  # (V, B) bool on x's device: crop x_alt instead of x
+                  clip: bool = False,  # clip the output to [0, 1] while writing it
+                  out: Optional[Tensor] = None,  # optional (V, B, C, size, size) tensor to write into
+                  scratch: Optional[Scratch] = None,  # where to keep the temporaries
+                 ) -> Tensor:  # (V, B, C, size, size); bicubic overshoots [0, 1] slightly: clip it
+    "V crops of every image, each to its own box, flipped and resized (bicubic): two batched matrix products in all."
+    V, B = flip.shape
+    _, C, H, W = x.shape
+    bb, ff = boxes.transpose(0, 1).reshape(B * V, 4), flip.t().reshape(B * V)  # rows in (image, view) order
+    wx = cubic_weights(crop_positions(bb[:, 0], bb[:, 2], size, ff), W, a, _empty(scratch, "wx", (B * V, size, W), x))
+    wy = cubic_weights(crop_positions(bb[:, 1], bb[:, 3], size), H, a, _empty(scratch, "wy", (B * V, size, H), x))
+    # along x, one product per image for its V crops: (V size, W) @ (W, C H) -> rows (view, j), columns (channel, y)
+    t = torch.bmm(wx.view(B, V * size, W), x.reshape(B, C * H, W).transpose(1, 2), out=_empty(scratch, "cols", (B, V * size, C * H), x))
+    if x_alt is not None and use_alt is not None:  # the (image, view) pairs cropped from x_alt: redo their first product
+        pairs = use_alt.t().reshape(-1).nonzero().squeeze(1)
+        if len(pairs):
+            alt = x_alt.index_select(0, pairs // V).reshape(-1, C * H, W).transpose(1, 2)
+            t.view(B * V, size, C * H).index_copy_(0, pairs, torch.bmm(wx.index_select(0, pairs), alt))
+    # along y, one product per (image, view): (size C, H) @ (H, size) -> (j, channel, i)
+    r = torch.bmm(t.view(B * V, size * C, H), wy.transpose(1, 2), out=_empty(scratch, "rows", (B * V, size * C, size), x))
+    r = r.view(B, V, size, C, size).permute(1, 0, 3, 4, 2)  # (V, B, C, i, j)
+    out = x.new_empty(V, B, C, size, size) if out is None else out
+    return torch.clamp(r, 0, 1, out=out) if clip else out.copy_(r)
+
 def resized_crop(x: Tensor,  # (n, C, H, W) float
                  boxes: Tensor,  # (n, 4) x0, y0, w, h in source pixels, on x's device
                  flip: Tensor,  # (n,) bool: mirror left-right
                  size: int,  # side of the output
                  a: float = -0.5,  # cubic kernel parameter
-                 out: Optional[Tensor] = None,  # optional contiguous (n, C, size, size) tensor to write into
+                 out: Optional[Tensor] = None,  # optional (n, C, size, size) tensor to write into
                  scratch: Optional[Scratch] = None,  # where to keep the temporaries
                 ) -> Tensor:  # (n, C, size, size); bicubic overshoots [0, 1] slightly: clip it
-    "Crop every image to its own box, flip it and resize it (bicubic): two batched matrix products."
-    n, C, H, W = x.shape
-    wx = cubic_weights(crop_positions(boxes[:, 0], boxes[:, 2], size, flip), W, a, _empty(scratch, "wx", (n, size, W), x))
-    wy = cubic_weights(crop_positions(boxes[:, 1], boxes[:, 3], size), H, a, _empty(scratch, "wy", (n, size, H), x))
-    cols = torch.bmm(x.reshape(n, C * H, W), wx.transpose(1, 2), out=_empty(scratch, "cols", (n, C * H, size), x))
-    wy3 = _empty(scratch, "wy3", (n, C, size, H), x).copy_(wy[:, None].expand(n, C, size, H))  # one per channel
-    out = x.new_empty(n, C, size, size) if out is None else out
-    torch.bmm(wy3.view(n * C, size, H), cols.view(n * C, H, size), out=out.view(n * C, size, size))
-    return out
+    "One crop of every image, to its own box, flipped and resized (bicubic): `resized_crops` with V = 1."
+    return resized_crops(x.contiguous(), boxes[None], flip[None], size, a, out=None if out is None else out[None], scratch=scratch)[0]
 
 def resized_crop_mask(m: Tensor,  # (n, 1, H, W) bool or uint8 mask
                       boxes: Tensor,  # (n, 4) x0, y0, w, h, as for the image
@@ -157,7 +182,7 @@ def adjust_contrast(x: Tensor,  # (n, 3, H, W) in [0, 1]
     shift = x.mean(dim=(2, 3), keepdim=True) * (1 - f)  # (n, 3, 1, 1)
     return (x if inplace else x.clone()).mul_(f).add_(shift).clamp_(0, 1)  # mean + f * (x - mean)
 
-# %% ../nbs/02_views.ipynb #ad5c5d1c
+# %% ../nbs/02_views.ipynb #d75d42dc
 def _hexagon(x: Tensor,  # (n, 3, H, W) RGB in [0, 1]
             ) -> tuple[Tensor, Tensor, Tensor]:  # value, chroma, hue in sixths of a turn in [-1, 5]; each (n, 1, H, W)
     "Value, chroma and hexagon hue of every pixel, without branches."
@@ -188,14 +213,27 @@ def hsv_to_rgb(hsv: Tensor,  # (n, 3, H, W) hue (in turns), saturation, value
     h, s, v = hsv[:, 0:1], hsv[:, 1:2], hsv[:, 2:3]
     return _from_hexagon(v, v * s, 6 * h)
 
+# %% ../nbs/02_views.ipynb #a814659d
 def adjust_hue(x: Tensor,  # (n, 3, H, W) in [0, 1]
                shift: Tensor,  # (n,) hue rotation in turns, |shift| <= 0.5; BYOL: U(-0.1, 0.1)
+               inplace: bool = False,  # overwrite x
               ) -> Tensor:
     "Rotate the HSV hue (BYOL), modulo one turn."
-    v, c, h6 = _hexagon(x)
-    return _from_hexagon(v, c, h6 + 6 * shift.view(-1, 1, 1, 1)).clamp_(0, 1)
+    hi, lo = x.amax(1, keepdim=True), x.amin(1, keepdim=True)
+    c = hi - lo  # chroma
+    q = torch.sub(x, lo).div_(c.clamp_min(1e-12))  # in [0, 1]: exactly 1 on the largest channel, 0 on the smallest
+    top = q.floor()  # 1 on the largest channel(s)
+    qr, qg, s = q[:, 0:1], q[:, 1:2], q.sum(1, keepdim=True)
+    is_r, is_g = top[:, 0:1], torch.addcmul(top[:, 1:2], top[:, 1:2], top[:, 0:1], value=-1)  # red wins ties
+    # hue in sixths: 4 + qr - qg if blue is the largest, qg - qb if red, 2 + qb - qr if green (s = qr + qg + qb)
+    h6 = torch.sub(qr, qg).add_(6 * shift.view(-1, 1, 1, 1).to(x.dtype) + 4)  # rotated, as if blue were the largest
+    h6.addcmul_(is_r, torch.add(s, 4).sub_(qg, alpha=3), value=-1).addcmul_(is_g, torch.sub(s, qr, alpha=3).sub_(2))
+    offset = x.new_tensor((5 / 6, 3 / 6, 1 / 6)).view(1, 3, 1, 1) + (1 / 6 + 2)  # n / 6, + 1/6 to centre on 1/2, + 2 > 0
+    d = torch.add(offset, h6, alpha=1 / 6, out=q).frac_().sub_(0.5).abs_()  # circular distance from 1/3, in turns
+    ramp = d.sub_(1 / 6).clamp_(0, 1 / 6)  # clip(6 d - 1, 0, 1) / 6
+    return torch.addcmul(lo, c, ramp, value=6, out=x if inplace else None)
 
-# %% ../nbs/02_views.ipynb #2c9d2037
+# %% ../nbs/02_views.ipynb #1924d5b3
 def adjust_saturation(x: Tensor,  # (n, 3, H, W) in [0, 1]
                       factor: Tensor,  # (n,) multiplies the HSV saturation; BYOL: U(0.8, 1.2); 1 = x exactly
                       inplace: bool = False,  # overwrite x
@@ -207,7 +245,7 @@ def adjust_saturation(x: Tensor,  # (n, 3, H, W) in [0, 1]
     x = x if inplace else x.clone()
     return x.lerp_(v, 1 - f).clamp_(0, 1)  # v - (v - x) * f
 
-# %% ../nbs/02_views.ipynb #4501b2b8
+# %% ../nbs/02_views.ipynb #0aa68799
 JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)  # op ids 0..3 used in `order`
 
 def color_jitter(x: Tensor,  # (n, 3, H, W) in [0, 1]
@@ -219,14 +257,19 @@ def color_jitter(x: Tensor,  # (n, 3, H, W) in [0, 1]
                 ) -> Tensor:  # (n, 3, H, W) in [0, 1]
     "BYOL's colour jitter in a random order per image: at each position, each op on the images that put it there."
     x = x if inplace else x.clone()
+    rows = apply.nonzero().squeeze(1)  # the jittered images
     for j in range(4):
+        at_j = order[rows, j]
+        by_op = rows[at_j.argsort(stable=True)]  # the jittered images, grouped by the op they put at position j
+        idx, f = by_op.to(x.device), factors[by_op].to(x.device, x.dtype)
+        ends = [0] + torch.bincount(at_j, minlength=4).cumsum(0).tolist()
         for k, op in enumerate(JITTER_OPS):
-            if not enabled[k]: continue
-            rows = apply & (order[:, j] == k)
-            x = _rows(x, rows, op if k == 3 else partial(op, inplace=True), factors[:, k])  # the gathered rows are ours
+            a, b = ends[k], ends[k + 1]
+            if enabled[k] and b > a:  # gather the images that put op k here, apply it to all of them, write them back
+                x.index_copy_(0, idx[a:b], op(x.index_select(0, idx[a:b]), f[a:b, k], inplace=True))
     return x
 
-# %% ../nbs/02_views.ipynb #720f0c19
+# %% ../nbs/02_views.ipynb #b7a0eb7c
 def to_grayscale(x: Tensor,  # (n, 3, H, W) in [0, 1]
                 ) -> Tensor:  # (n, 3, H, W) three equal channels
     "Luma with BYOL's weights, copied to the three channels."
@@ -264,9 +307,10 @@ def solarize(x: Tensor,  # (n, C, H, W) in [0, 1]
              threshold: float = 0.5,  # [B]
             ) -> Tensor:
     "Invert the pixels at or above `threshold` (BYOL)."
+    if threshold == 0.5: return torch.minimum(x, 1 - x)  # the same for x in [0, 1], and one fast op
     return torch.where(x < threshold, x, 1 - x)
 
-# %% ../nbs/02_views.ipynb #b6f78002
+# %% ../nbs/02_views.ipynb #4826210c
 MASK_FILLS = ("zeros", "mean", "random", "swap")
 
 def swap_partners(n: int, generator: Optional[torch.Generator] = None) -> Tensor:  # (n,) long, partner[i] != i for n > 1
@@ -293,11 +337,11 @@ def remove_background(x: Tensor,  # (B, 3, H, W) float in [0, 1]
     else: raise ValueError(f"mask_fill must be one of {', '.join(MASK_FILLS)}, got {fill!r}")
     return torch.lerp(bg, x, foreground.to(x.dtype), out=out)  # x on the foreground, bg elsewhere (exact for weights 0, 1)
 
-# %% ../nbs/02_views.ipynb #63fc92af
+# %% ../nbs/02_views.ipynb #97174f75
 @dataclass
 class ViewParams:
     "Every random choice of one view, one row per image (tensors on the generator's device, the CPU by default)."
-    view_type: int  # 1 or 2: which of BYOL's two pipelines
+    view_type: int  # 1 or 2: which of BYOL's two pipelines (0: the rows of several views of both types, see `cat`)
     box: Tensor  # (B, 4) crop x0, y0, w, h in pixels of the source image
     flip: Tensor  # (B,) bool, mirrored left-right
     jitter: Tensor  # (B,) bool, colour jitter applied
@@ -309,7 +353,14 @@ class ViewParams:
     solarize: Tensor  # (B,) bool
     masked: Tensor  # (B,) bool, background removed (large views only; always False for small views)
 
-# %% ../nbs/02_views.ipynb #cafe906b
+    @classmethod
+    def cat(cls, params: Sequence[ViewParams]) -> ViewParams:
+        "The draws of several views, the rows of view 0 first; `view_type` is 0 when the views are of both types."
+        types = {p.view_type for p in params}
+        fields = {f.name: torch.cat([getattr(p, f.name) for p in params]) for f in dataclasses.fields(cls) if f.name != "view_type"}
+        return cls(view_type=types.pop() if len(types) == 1 else 0, **fields)
+
+# %% ../nbs/02_views.ipynb #14743b3a
 def _is_num(v) -> bool: return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 def _check_num(name, v, lo, hi, lo_open=False):
@@ -327,7 +378,7 @@ def _check_pair(name, v, lo, hi, lo_open=False, ordered=True):
 def _check_int(name, v, lo):
     if isinstance(v, bool) or not isinstance(v, int) or v < lo: raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
 
-# %% ../nbs/02_views.ipynb #309e6aa9
+# %% ../nbs/02_views.ipynb #b714a1e1
 class ViewGenerator:
     "L large and S small views of a batch: per-image random draws, batched execution on the batch's device."
     def __init__(self,
@@ -384,7 +435,38 @@ class ViewGenerator:
         args = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(ViewsConfig))
         return f"ViewGenerator({args})"
 
-# %% ../nbs/02_views.ipynb #96a639c5
+# %% ../nbs/02_views.ipynb #23d20d5d
+_PER_VIEW = 15  # uniforms per image and view besides the crop box's
+
+@torch.no_grad()
+def _sample_views(self: ViewGenerator,
+                  n: int,  # number of images
+                  height: int, width: int,  # size of the source images
+                  large: bool,  # large views (may be masked) or small ones
+                  view_types: Sequence[int],  # 1 or 2 for each view: which of BYOL's pipelines
+                  eligible: Optional[Tensor] = None,  # (n,) bool on the generator's device: images that may be masked
+                  generator: Optional[torch.Generator] = None,
+                  tries: int = 10,  # crop attempts, as `sample_crop_boxes`
+                 ) -> list[ViewParams]:  # one per view, in the order of `view_types`
+    "Draw every random choice of several views of one size for `n` images, all at once."
+    nv, k = len(view_types), 2 * tries + 2
+    if nv == 0: return []
+    u = _uniform(nv, n * (k + _PER_VIEW), generator)  # per view: the crop's uniforms, then the others
+    u_box, u = u[:, :n * k].reshape(nv * n, k), u[:, n * k:].reshape(nv * n, _PER_VIEW)
+    box = sample_crop_boxes(nv * n, height, width, self.large_scale if large else self.small_scale, self.ratio, tries=tries, u=u_box)
+    t = torch.tensor(view_types, device=u.device).repeat_interleave(n) - 1  # pipeline of each row, 0 or 1
+    lo = u.new_tensor((-self.brightness, 1 - self.contrast, 1 - self.saturation, -self.hue))
+    hi = u.new_tensor((self.brightness, 1 + self.contrast, 1 + self.saturation, self.hue))
+    masked = u[:, 14] < self.mask_prob
+    masked = masked & eligible.repeat(nv) if large and eligible is not None else torch.zeros_like(masked)
+    rows = dict(box=box, flip=u[:, 0] < self.flip_prob, jitter=u[:, 1] < self.jitter_prob, order=u[:, 3:7].argsort(1),
+                factors=lo + (hi - lo) * u[:, 7:11], grayscale=u[:, 2] < self.grayscale_prob,
+                blur=u[:, 11] < u.new_tensor(self.blur_prob)[t],
+                sigma=self.blur_sigma[0] + (self.blur_sigma[1] - self.blur_sigma[0]) * u[:, 12],
+                solarize=u[:, 13] < u.new_tensor(self.solarize_prob)[t], masked=masked)
+    return [ViewParams(view_type=vt, **{name: r[i * n:(i + 1) * n] for name, r in rows.items()}) for i, vt in enumerate(view_types)]
+ViewGenerator.sample_views = _sample_views
+
 @torch.no_grad()
 def _sample(self: ViewGenerator,
             n: int,  # number of images
@@ -395,19 +477,10 @@ def _sample(self: ViewGenerator,
             generator: Optional[torch.Generator] = None,
            ) -> ViewParams:
     "Draw every random choice of one view for `n` images."
-    t = view_type - 1
-    box = sample_crop_boxes(n, height, width, self.large_scale if large else self.small_scale, self.ratio, generator)
-    u = _uniform(n, 15, generator)
-    lo = u.new_tensor((-self.brightness, 1 - self.contrast, 1 - self.saturation, -self.hue))
-    hi = u.new_tensor((self.brightness, 1 + self.contrast, 1 + self.saturation, self.hue))
-    masked = u[:, 14] < self.mask_prob if large and eligible is not None else torch.zeros_like(u[:, 14], dtype=torch.bool)
-    return ViewParams(view_type=view_type, box=box, flip=u[:, 0] < self.flip_prob, jitter=u[:, 1] < self.jitter_prob,
-                      order=u[:, 3:7].argsort(1), factors=lo + (hi - lo) * u[:, 7:11], grayscale=u[:, 2] < self.grayscale_prob,
-                      blur=u[:, 11] < self.blur_prob[t], sigma=self.blur_sigma[0] + (self.blur_sigma[1] - self.blur_sigma[0]) * u[:, 12],
-                      solarize=u[:, 13] < self.solarize_prob[t], masked=masked & eligible if large and eligible is not None else masked)
+    return self.sample_views(n, height, width, large, [view_type], eligible, generator)[0]
 ViewGenerator.sample = _sample
 
-# %% ../nbs/02_views.ipynb #06c481d6
+# %% ../nbs/02_views.ipynb #516d1cd9
 @torch.no_grad()
 def _augment(self: ViewGenerator,
              v: Tensor,  # (n, 3, size, size) cropped views in [0, 1], overwritten
@@ -423,6 +496,22 @@ def _augment(self: ViewGenerator,
 ViewGenerator.augment = _augment
 
 @torch.no_grad()
+def _render(self: ViewGenerator,
+            x: Tensor,  # (B, 3, H, W) float in [0, 1], contiguous, on any device
+            params: Sequence[ViewParams],  # the draws of V views of one size
+            size: int,  # output side
+            x_masked: Optional[Tensor] = None,  # (B, 3, H, W) x with its background removed: read where `p.masked`
+           ) -> Tensor:  # (V, B, 3, size, size) float in [0, 1]
+    "Render V views of every image from their own draws: one crop call and one `augment` for all of them."
+    V, B = len(params), len(x)
+    p = ViewParams.cat(params)
+    box, flip = p.box.to(x.device, x.dtype).view(V, B, 4), p.flip.to(x.device).view(V, B)
+    masked = p.masked.to(x.device).view(V, B) if x_masked is not None and p.masked.any() else None
+    v = resized_crops(x, box, flip, size, x_alt=x_masked, use_alt=masked, clip=True, scratch=self._scratch_for(x))
+    return self.augment(v.view(V * B, 3, size, size), p).view(V, B, 3, size, size)
+ViewGenerator.render = _render
+
+@torch.no_grad()
 def _apply(self: ViewGenerator,
            x: Tensor,  # (B, 3, H, W) float in [0, 1], on any device
            p: ViewParams,  # the draws of this view
@@ -431,17 +520,11 @@ def _apply(self: ViewGenerator,
            x_masked: Optional[Tensor] = None,  # (B, 3, H, W) x with its background removed: read where `p.masked`
           ) -> tuple[Tensor, Optional[Tensor]]:  # view (B, 3, size, size) float in [0, 1]; mask (B, 1, size, size) bool or None
     "Render one view of every image from its own draws, with batched ops."
-    box, flip = p.box.to(x.device, x.dtype), p.flip.to(x.device)
-    scratch = self._scratch_for(x)
-    v = resized_crop(x, box, flip, size, scratch=scratch)
-    if x_masked is not None and p.masked.any():  # the masked rows are cropped again, from x_masked
-        rows = p.masked.nonzero().squeeze(1).to(x.device)
-        v.index_copy_(0, rows, resized_crop(x_masked.index_select(0, rows), box[rows], flip[rows], size, scratch=scratch))
-    v = self.augment(v.clamp_(0, 1), p)
-    return v, None if foreground is None else resized_crop_mask(foreground, box, flip, size)
+    v = self.render(x.contiguous(), [p], size, x_masked)[0]
+    return v, None if foreground is None else resized_crop_mask(foreground, p.box.to(x.device, x.dtype), p.flip.to(x.device), size)
 ViewGenerator.apply = _apply
 
-# %% ../nbs/02_views.ipynb #88dfd0aa
+# %% ../nbs/02_views.ipynb #ccc24e3f
 @dataclass
 class Views:
     "The L large and S small views of a batch, and the draws that made them."
@@ -457,7 +540,7 @@ class Views:
         "Which large views had their background removed."
         return torch.stack([p.masked for p in self.large_params])
 
-# %% ../nbs/02_views.ipynb #24175a7f
+# %% ../nbs/02_views.ipynb #c014701d
 def _check_inputs(images, masks, has_mask, generator):
     if not isinstance(images, Tensor) or images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3 or images.shape[0] < 1:
         what = f"{images.dtype} tensor of shape {tuple(images.shape)}" if isinstance(images, Tensor) else type(images).__name__
@@ -477,7 +560,7 @@ def _check_inputs(images, masks, has_mask, generator):
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"generator must be None or a torch.Generator, got {type(generator).__name__}")
 
-# %% ../nbs/02_views.ipynb #393ca52a
+# %% ../nbs/02_views.ipynb #6c1b37c0
 @torch.no_grad()
 def _call(self: ViewGenerator,
           images: Tensor,  # (B, 3, H, W) uint8, on any device
@@ -499,18 +582,12 @@ def _call(self: ViewGenerator,
         eligible = (ok if has_mask is None else ok & has_mask.to(ok.device)).to(gdev)
         if self.mask_prob > 0 and bool(eligible.any()):
             x_m = remove_background(x, fg, self.mask_fill, generator, out=_empty(scratch, "x_m", (B, 3, H, W), x))
-    large_params = [self.sample(B, H, W, large=True, view_type=1 + i % 2, eligible=eligible, generator=generator)
-                    for i in range(self.n_large)]
-    small_params = [self.sample(B, H, W, large=False, view_type=1 + i % 2, generator=generator) for i in range(self.n_small)]
-    keep = fg if return_masks else None
-    large, large_masks = [], []
-    for p in large_params:  # one view at a time: its temporaries stay small (and in cache)
-        v, m = self.apply(x, p, self.large_size, keep, x_m)
-        large.append(v); large_masks.append(m)
-    small, small_masks = [], []
-    for p in small_params:
-        v, m = self.apply(x, p, self.small_size, keep)
-        small.append(v); small_masks.append(m)
-    return Views(large, small, large_params, small_params,
-                 large_masks if keep is not None else None, small_masks if keep is not None else None)
+    large_params = self.sample_views(B, H, W, True, [1 + i % 2 for i in range(self.n_large)], eligible, generator)
+    small_params = self.sample_views(B, H, W, False, [1 + i % 2 for i in range(self.n_small)], None, generator)
+    large = list(self.render(x, large_params, self.large_size, x_m).unbind(0))
+    small = list(self.render(x, small_params, self.small_size).unbind(0)) if small_params else []
+    def crop_masks(params, size):
+        return [resized_crop_mask(fg, p.box.to(x.device, x.dtype), p.flip.to(x.device), size) for p in params]
+    if not return_masks or fg is None: return Views(large, small, large_params, small_params)
+    return Views(large, small, large_params, small_params, crop_masks(large_params, self.large_size), crop_masks(small_params, self.small_size))
 ViewGenerator.__call__ = _call

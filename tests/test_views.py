@@ -191,6 +191,34 @@ def test_non_square_images_and_bool_masks():
     assert v.masked.all() and v.large_masks[0].dtype == torch.bool and v.large_masks[0].all()
 
 
+# ---------------------------------------------------------------- grouped rendering
+@pytest.mark.parametrize("fill", ["zeros", "swap"])
+def test_views_rendered_together_equal_views_rendered_one_at_a_time(fill):
+    "All the views of one size share their crop products and their colour ops; each must still be its own view."
+    g = ViewGenerator(n_large=4, n_small=2, large_size=16, small_size=8, mask_prob=0.5, mask_fill=fill,
+                      grayscale_prob=0.5, solarize_prob=(0.3, 0.5), blur_prob=(1.0, 0.5))
+    images = noise(48, 32)
+    masks = torch.zeros(48, 1, 32, 32, dtype=torch.uint8); masks[..., 6:26, 4:20] = 1
+    v = g(images, masks, generator=torch.Generator().manual_seed(0))
+    x = images.float() / 255
+    x_m = remove_background(x, masks != 0, fill, torch.Generator().manual_seed(0))  # the generator's first draws
+    assert v.masked.any() and not v.masked.all()
+    for p, out in zip(v.large_params, v.large):
+        one, _ = g.apply(x, p, 16, x_masked=x_m)
+        assert torch.allclose(one, out, atol=1e-5), (one - out).abs().max()
+    for p, out in zip(v.small_params, v.small):
+        assert torch.allclose(g.apply(x, p, 8)[0], out, atol=1e-5)
+    singles = [g.sample(48, 32, 32, True, t, generator=torch.Generator().manual_seed(0)) for t in (1,)]
+    assert torch.equal(singles[0].box, g.sample_views(48, 32, 32, True, [1, 2], generator=torch.Generator().manual_seed(0))[0].box)
+
+
+def test_crop_boxes_from_given_uniforms():
+    u = torch.rand(5, 22, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sample_crop_boxes(5, 64, 64, u=u), sample_crop_boxes(5, 64, 64, generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(ValueError, match=r"u must have shape \(5, 22\)"):
+        sample_crop_boxes(5, 64, 64, u=u[:, :10])
+
+
 # ---------------------------------------------------------------- reproducibility
 def test_same_seed_same_views_different_seed_different():
     images, masks = noise(16), (torch.rand(16, 1, 16, 16, generator=torch.Generator().manual_seed(1)) < 0.5).to(torch.uint8)
