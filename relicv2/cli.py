@@ -84,17 +84,21 @@ def _train(args: argparse.Namespace, cfg: RunConfig) -> int:
     import json
     from relicv2.train import fit
     from relicv2.evaluate import format_table
+    from relicv2.distributed import shutdown_distributed
     resume = False if args.no_resume else (args.resume or True)
     res = fit(cfg, resume=resume, max_steps=args.max_steps)
-    rank = int(os.environ.get("RANK", "0"))
-    if rank != 0 or res.steps == 0: return 0
-    enc = export_encoder(res.online, res.run_dir)
-    print(f"relicv2-train: {res.steps} steps, final loss {res.final_loss:.4f}; run directory {res.run_dir} "
-          f"(checkpoint {res.checkpoint.name}, metrics.jsonl, loss.png, {enc.name})")
-    if args.no_eval: return 0
-    results = evaluate_run(cfg, res.online, progress=sys.stderr.isatty())
-    (res.run_dir / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(format_table(results, metrics=("knn_top1", "linear_top1")))
+    if int(os.environ.get("RANK", "0")) == 0 and res.steps > 0:  # one process reports
+        enc = export_encoder(res.online, res.run_dir)
+        print(f"relicv2-train: {res.steps} steps, final loss {res.final_loss:.4f}; run directory {res.run_dir} "
+              f"(checkpoint {res.checkpoint.name}, metrics.jsonl, loss.png, {enc.name})")
+        if not args.no_eval:
+            results = evaluate_run(cfg, res.online, progress=sys.stderr.isatty())
+            (res.run_dir / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
+            print(format_table(results, metrics=("knn_top1", "linear_top1")))
+    # Under torchrun, end the process group before Python exits: gloo's threads otherwise outlive the interpreter
+    # and the process can abort at exit ("terminate called without an active exception", pytorch issue #190489).
+    # Not on an exception: a process that failed mid-run leaves the others to torchrun.
+    shutdown_distributed()
     return 0
 
 def train_main(argv: list[str] | None = None) -> int:
