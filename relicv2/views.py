@@ -87,7 +87,7 @@ def sample_crop_boxes(n: int,  # number of boxes, one per image
     y0 = torch.where(found, torch.floor(u[:, -1] * (height - h + 1)), float((height - fh) // 2))
     return torch.stack((x0, y0, w, h), 1)
 
-# %% ../nbs/02_views.ipynb #2176dda0
+# %% ../nbs/02_views.ipynb #421ece67
 def crop_positions(start: Tensor,  # (n,) first source pixel of each crop along this axis (x0 or y0)
                    length: Tensor,  # (n,) crop length in source pixels (w or h)
                    size: int,  # number of output pixels
@@ -112,7 +112,7 @@ def cubic_weights(pos: Tensor,  # (n, size) source coordinates from `crop_positi
     out = pos.new_zeros(*pos.shape, in_size) if out is None else out.zero_()
     return out.scatter_add_(2, idx, w)
 
-def resized_crops(x: Tensor,  # (B, C, H, W) float, contiguous
+def resized_crops(x: Tensor,  # (B, C, H, W) float
                   boxes: Tensor,  # (V, B, 4) x0, y0, w, h in source pixels of V crops of every image, on x's device
                   flip: Tensor,  # (V, B) bool: mirror left-right
                   size: int,  # side of the output
@@ -151,7 +151,7 @@ def resized_crop(x: Tensor,  # (n, C, H, W) float
                  scratch: Optional[Scratch] = None,  # where to keep the temporaries
                 ) -> Tensor:  # (n, C, size, size); bicubic overshoots [0, 1] slightly: clip it
     "One crop of every image, to its own box, flipped and resized (bicubic): `resized_crops` with V = 1."
-    return resized_crops(x.contiguous(), boxes[None], flip[None], size, a, out=None if out is None else out[None], scratch=scratch)[0]
+    return resized_crops(x, boxes[None], flip[None], size, a, out=None if out is None else out[None], scratch=scratch)[0]
 
 def resized_crop_mask(m: Tensor,  # (n, 1, H, W) bool or uint8 mask
                       boxes: Tensor,  # (n, 4) x0, y0, w, h, as for the image
@@ -480,7 +480,7 @@ def _sample(self: ViewGenerator,
     return self.sample_views(n, height, width, large, [view_type], eligible, generator)[0]
 ViewGenerator.sample = _sample
 
-# %% ../nbs/02_views.ipynb #516d1cd9
+# %% ../nbs/02_views.ipynb #3ccb1cad
 @torch.no_grad()
 def _augment(self: ViewGenerator,
              v: Tensor,  # (n, 3, size, size) cropped views in [0, 1], overwritten
@@ -497,7 +497,7 @@ ViewGenerator.augment = _augment
 
 @torch.no_grad()
 def _render(self: ViewGenerator,
-            x: Tensor,  # (B, 3, H, W) float in [0, 1], contiguous, on any device
+            x: Tensor,  # (B, 3, H, W) float in [0, 1], on any device
             params: Sequence[ViewParams],  # the draws of V views of one size
             size: int,  # output side
             x_masked: Optional[Tensor] = None,  # (B, 3, H, W) x with its background removed: read where `p.masked`
@@ -520,7 +520,7 @@ def _apply(self: ViewGenerator,
            x_masked: Optional[Tensor] = None,  # (B, 3, H, W) x with its background removed: read where `p.masked`
           ) -> tuple[Tensor, Optional[Tensor]]:  # view (B, 3, size, size) float in [0, 1]; mask (B, 1, size, size) bool or None
     "Render one view of every image from its own draws, with batched ops."
-    v = self.render(x.contiguous(), [p], size, x_masked)[0]
+    v = self.render(x, [p], size, x_masked)[0]
     return v, None if foreground is None else resized_crop_mask(foreground, p.box.to(x.device, x.dtype), p.flip.to(x.device), size)
 ViewGenerator.apply = _apply
 
