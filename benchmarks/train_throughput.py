@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     cfg = load_config(args.preset, None, args.overrides)
     with tempfile.TemporaryDirectory() as d:
-        cfg = update(cfg, {"train.out_dir": d, "train.log_every": 1, "train.epochs": max(cfg.train.epochs, 1000), "train.ckpt_every": 10**9, "train.monitor_every": 0})
+        cfg = update(cfg, {"train.out_dir": d, "train.log_every": 1, "train.epochs": max(cfg.train.epochs, 1000), "train.ckpt_every": 10**9, "train.monitor_steps": 0})
         total = args.steps + args.warmup
         if torch.cuda.is_available(): torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()

@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Optional
 
 from .config import ConfigError, RunConfig, atomic_write, preset, update, _read_file, PRESETS
+from .evaluate import BASELINES
 
 # %% auto #0
-__all__ = ['RESULT_FIELDS', 'AblationSpec', 'load_spec', 'run_one', 'run_ablation', 'read_results', 'summarize', 'format_summary',
-           'plot_ablation']
+__all__ = ['RESULT_FIELDS', 'AblationSpec', 'load_spec', 'provenance', 'train_seconds', 'knn_curve', 'run_one', 'run_baseline',
+           'run_ablation', 'read_results', 'summarize', 'format_summary', 'plot_ablation']
 
 # %% ../nbs/11_ablate.ipynb #d88f3810
 @dataclass
@@ -32,6 +33,8 @@ class AblationSpec:
     variants: dict = field(default_factory=lambda: {"relicv2": {}})  # name -> overrides
     grid: dict = field(default_factory=dict)  # field -> list of values; each combination is a variant too
     splits: Optional[list] = None  # test splits to evaluate; None: every split but 'train'
+    baselines: list = field(default_factory=lambda: list(BASELINES))  # rows that need no training: raw pixels, random init
+    source: Optional[str] = None  # the spec file it was read from (recorded beside the results)
 
     def runs(self) -> list[tuple[str, int, RunConfig]]:
         "Every (variant, seed, config) of the grid, in order."
@@ -48,11 +51,17 @@ class AblationSpec:
                 out.append((name, seed, cfg))
         return out
 
+    def base_config(self, seed: int) -> RunConfig:
+        "The config every variant starts from at `seed` (preset + common): what the baselines are measured with."
+        return update(preset(self.preset), {**self.common, "train.seed": seed,
+                                            "train.out_dir": str(Path(self.out_dir, "baselines", f"seed{seed}"))})
+
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_.=" else "_" for c in name)
 
 # %% ../nbs/11_ablate.ipynb #2a8e33fd
-_SPEC_KEYS = {"preset": str, "out_dir": str, "seeds": list, "common": dict, "variants": dict, "grid": dict, "splits": list}
+_SPEC_KEYS = {"preset": str, "out_dir": str, "seeds": list, "common": dict, "variants": dict, "grid": dict, "splits": list,
+              "baselines": list}
 
 def load_spec(source: str | Path | dict) -> AblationSpec:
     "An `AblationSpec` from a YAML/JSON file or a dict, validated (every run's config is built once)."
@@ -69,7 +78,10 @@ def load_spec(source: str | Path | dict) -> AblationSpec:
         if not isinstance(vals, list) or not vals: raise ConfigError(f"{where}: grid field {k!r} needs a non-empty list of values, got {vals!r}")
     for name, over in data.get("variants", {}).items():
         if not isinstance(over, dict): raise ConfigError(f"{where}: variant {name!r} must map fields to values, got {over!r}")
-    spec = AblationSpec(**data)
+        if name in BASELINES: raise ConfigError(f"{where}: variant name {name!r} is taken by a baseline row; rename the variant")
+    bad = [b for b in data.get("baselines", []) if b not in BASELINES]
+    if bad: raise ConfigError(f"{where}: unknown baseline(s) {bad}; allowed: {', '.join(BASELINES)} (or [] for none)")
+    spec = AblationSpec(**data, source=None if isinstance(source, dict) else str(source))
     if not spec.variants and not spec.grid: raise ConfigError(f"{where}: no runs: give 'variants' or 'grid'")
     spec.runs()  # every override is checked here
     return spec
@@ -77,17 +89,51 @@ def load_spec(source: str | Path | dict) -> AblationSpec:
 # %% ../nbs/11_ablate.ipynb #edcae9e1
 RESULT_FIELDS = ["variant", "seed", "split", "knn_top1", "knn_top5", "linear_top1", "linear_top5", "steps", "train_s", "overrides"]
 
+def provenance() -> dict:
+    "Where and when a result was measured: CPU model, cores, math threads, torch version, device, UTC time."
+    import os, platform, datetime, torch
+    cpu = platform.processor() or platform.machine()
+    try: cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration): pass
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"machine": cpu, "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "gpu": gpu, "finished": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+def train_seconds(metrics_path: str | Path, batch_size: int) -> float:
+    "Seconds spent training the steps a run kept, from its metrics (resumed runs count each kept step once)."
+    from relicv2.train import MetricsLog
+    total, prev = 0.0, 0
+    for r in MetricsLog.read(metrics_path):
+        if "images_per_s" in r: total, prev = total + (r["step"] - prev) * batch_size / r["images_per_s"], r["step"]
+    return total
+
+def knn_curve(metrics_path: str | Path) -> list[list]:
+    "The learning curve of a run: [step, kNN monitor top-1] pairs from its metrics."
+    from relicv2.train import MetricsLog
+    return [[r["step"], r["knn_top1"]] for r in MetricsLog.read(metrics_path) if "knn_top1" in r]
+
 def run_one(cfg: RunConfig, splits: Optional[list] = None, progress: bool = False) -> dict:
-    "Train (or resume) one run and evaluate it; returns {'steps', 'train_s', 'results': {split: metrics}}. Skips finished runs."
+    "Train (or resume) one run and evaluate it; returns {'steps', 'train_s', 'eval_s', 'results', provenance}. Skips finished runs."
     from relicv2.train import fit
     from relicv2.evaluate import evaluate_from_config
     done = Path(cfg.train.out_dir, "eval.json")
     if done.exists(): return json.loads(done.read_text())
-    t0 = time.perf_counter()
     res = fit(cfg, progress=progress)
-    train_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
     results = evaluate_from_config(res.online.encoder, cfg, splits=tuple(splits) if splits else None)
-    out = {"steps": res.steps, "train_s": round(train_s, 1), "results": results}
+    out = {"steps": res.steps, "train_s": round(train_seconds(Path(cfg.train.out_dir, "metrics.jsonl"), cfg.train.batch_size), 1),
+           "eval_s": round(time.perf_counter() - t0, 1), "results": results, **provenance()}
+    atomic_write(done, json.dumps(out, indent=2) + "\n")
+    return out
+
+def run_baseline(name: str, cfg: RunConfig, splits: Optional[list] = None) -> dict:
+    "Evaluate a baseline (`raw-pixels`, `random-init`) with `cfg`'s data, views and seed; cached in its out_dir like a run."
+    from relicv2.evaluate import baseline_encoder, evaluate_from_config
+    done = Path(cfg.train.out_dir, name, "eval.json")
+    if done.exists(): return json.loads(done.read_text())
+    t0 = time.perf_counter()
+    results = evaluate_from_config(baseline_encoder(name, cfg), cfg, splits=tuple(splits) if splits else None)
+    out = {"steps": 0, "train_s": 0.0, "eval_s": round(time.perf_counter() - t0, 1), "results": results, **provenance()}
     atomic_write(done, json.dumps(out, indent=2) + "\n")
     return out
 
@@ -95,6 +141,7 @@ def run_one(cfg: RunConfig, splits: Optional[list] = None, progress: bool = Fals
 def run_ablation(spec: AblationSpec | str | Path | dict,  # the grid, or a spec file
                  progress: bool = True,  # a bar over runs
                  only: Optional[list[str]] = None,  # run just these variants (the table keeps the others' finished rows)
+                train: bool = True,  # False: run nothing, only collect the finished runs into the table
                 ) -> Path:
     "Train and evaluate every (variant, seed) of `spec`, resuming finished and interrupted runs; returns results.csv."
     from tqdm import tqdm
@@ -103,19 +150,26 @@ def run_ablation(spec: AblationSpec | str | Path | dict,  # the grid, or a spec 
     if only:
         unknown = sorted(set(only) - {n for n, _, _ in runs})
         if unknown: raise ConfigError(f"unknown variant(s) {', '.join(unknown)}; variants: {', '.join(dict.fromkeys(n for n, _, _ in runs))}")
-    rows, path = [], Path(spec.out_dir, "results.csv")
+    rows, record, path = [], {}, Path(spec.out_dir, "results.csv")
     overrides = {**spec.variants, **{n: {} for n, _, _ in runs if n not in spec.variants}}
-    for name, seed, cfg in tqdm(runs, desc="ablation", disable=not progress):
-        done = Path(cfg.train.out_dir, "eval.json")
-        if only and name not in only:  # not ours to train now, but its finished results stay in the table
+    # the baselines first: cheap, and the floor every later row is read against
+    # (raw pixels have no seed but the probe's held-out rows: measured once, at the first seed)
+    jobs = [(b, seed, spec.base_config(seed), True) for seed in spec.seeds for b in spec.baselines
+            if b != "raw-pixels" or seed == spec.seeds[0]] + [(*r, False) for r in runs]
+    for name, seed, cfg, is_baseline in tqdm(jobs, desc="ablation", disable=not progress):
+        done = Path(cfg.train.out_dir, name, "eval.json") if is_baseline else Path(cfg.train.out_dir, "eval.json")
+        if not train or (only and name not in only):  # not ours to run now, but its finished results stay in the table
             if not done.exists(): continue
             out = json.loads(done.read_text())
-        else: out = run_one(cfg, spec.splits)
+        else: out = run_baseline(name, cfg, spec.splits) if is_baseline else run_one(cfg, spec.splits)
         for split, m in out["results"].items():
             rows.append({"variant": name, "seed": seed, "split": split, **{k: round(m[k], 2) for k in RESULT_FIELDS[3:7]},
                          "steps": out["steps"], "train_s": out["train_s"], "overrides": json.dumps(overrides.get(name, {}))})
+        record[f"{name}/seed{seed}"] = {k: v for k, v in out.items() if k != "results"}
+        if not is_baseline: record[f"{name}/seed{seed}"]["knn_curve"] = knn_curve(Path(cfg.train.out_dir, "metrics.jsonl"))
         buf = io.StringIO(); w = csv.DictWriter(buf, RESULT_FIELDS); w.writeheader(); w.writerows(rows)
         atomic_write(path, buf.getvalue())
+        atomic_write(path.with_suffix(".json"), json.dumps({"spec": spec.source, "runs": record}, indent=2) + "\n")
     return path
 
 # %% ../nbs/11_ablate.ipynb #7cfdd3e4

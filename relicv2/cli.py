@@ -68,16 +68,13 @@ def export_encoder(online, run_dir) -> Path:
     torch.save(weights, run_dir / "encoder_torchvision.pt")
     return run_dir / "encoder.pt"
 
-def evaluate_run(cfg: RunConfig, online, progress: bool = False) -> dict:
-    "kNN and linear accuracy of the trained encoder and of the same encoder at its random initialisation."
-    import torch
-    from relicv2.encoder import build_networks
-    from relicv2.evaluate import evaluate_from_config
-    torch.manual_seed(cfg.train.seed)
-    init, _ = build_networks(cfg.encoder, cfg.heads)  # the weights training started from
+def evaluate_run(cfg: RunConfig, online, progress: bool = False, baselines: bool = True) -> dict:
+    "kNN and linear accuracy of the trained encoder, after the raw-pixel and random-init baselines (the floor)."
+    from relicv2.evaluate import BASELINES, baseline_encoder, evaluate_from_config
     dev = next(online.parameters()).device
-    return {"random init": evaluate_from_config(init.encoder.to(dev), cfg, progress=progress),
-            "trained": evaluate_from_config(online.encoder, cfg, progress=progress)}
+    rows = {b.replace("-", " "): evaluate_from_config(baseline_encoder(b, cfg).to(dev), cfg, progress=progress)
+            for b in (BASELINES if baselines else ())}
+    return {**rows, "trained": evaluate_from_config(online.encoder, cfg, progress=progress)}
 
 # %% ../nbs/90_cli.ipynb #7cb08efd
 def _train(args: argparse.Namespace, cfg: RunConfig) -> int:
@@ -90,7 +87,8 @@ def _train(args: argparse.Namespace, cfg: RunConfig) -> int:
     if int(os.environ.get("RANK", "0")) == 0 and res.steps > 0:  # one process reports
         enc = export_encoder(res.online, res.run_dir)
         print(f"relicv2-train: {res.steps} steps, final loss {res.final_loss:.4f}; run directory {res.run_dir} "
-              f"(checkpoint {res.checkpoint.name}, metrics.jsonl, loss.png, {enc.name})")
+              f"(checkpoint {res.checkpoint.name}, metrics.jsonl, loss.png, {enc.name})"
+              + (f"; the target keeps {100 * res.target_init_share:.2g}% of its random initial weights" if res.target_init_share is not None else ""))
         if not args.no_eval:
             results = evaluate_run(cfg, res.online, progress=sys.stderr.isatty())
             (res.run_dir / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -129,7 +127,7 @@ def load_run_encoder(run_dir: str | Path, overrides: list[str] | None = None):
 def _eval(args: argparse.Namespace, cfg: RunConfig) -> int:
     import torch
     from relicv2.encoder import resnet
-    from relicv2.evaluate import evaluate_from_config, format_table
+    from relicv2.evaluate import BASELINES, baseline_encoder, evaluate_from_config, format_table
     from relicv2.distributed import resolve_device
     if (args.run_dir is None) == (args.weights is None): raise ConfigError("give a run directory or --weights FILE (one of them)")
     if args.run_dir is not None:
@@ -140,10 +138,13 @@ def _eval(args: argparse.Namespace, cfg: RunConfig) -> int:
         enc = resnet(cfg.encoder.arch, cfg.encoder.width, cfg.encoder.small_stem)
         enc.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
         name = Path(args.weights).stem
-    enc.to(resolve_device(cfg.train.device))
+    dev = resolve_device(cfg.train.device)
     splits = tuple(args.splits.split(",")) if args.splits else None
-    results = evaluate_from_config(enc, cfg, splits=splits, progress=sys.stderr.isatty())
-    print(format_table({name: results}))
+    rows = {} if args.no_baselines else {  # the floor: the same evaluation of raw pixels and of the run's random init
+        b.replace("-", " "): evaluate_from_config(baseline_encoder(b, cfg).to(dev), cfg, splits=splits, progress=sys.stderr.isatty())
+        for b in BASELINES}
+    rows[name] = evaluate_from_config(enc.to(dev), cfg, splits=splits, progress=sys.stderr.isatty())
+    print(format_table(rows))
     return 0
 
 def eval_main(argv: list[str] | None = None) -> int:
@@ -152,6 +153,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", nargs="?", default=None, help="a run directory written by relicv2-train")
     parser.add_argument("--weights", default=None, metavar="FILE", help="a torchvision-format encoder state dict instead of a run")
     parser.add_argument("--splits", default=None, metavar="A,B", help="test splits (default: every split but train)")
+    parser.add_argument("--no-baselines", action="store_true", help="skip the raw-pixel and random-init rows")
     return run_cli("relicv2-eval", _eval, parser, argv)
 
 # %% ../nbs/90_cli.ipynb #720761fd
@@ -162,13 +164,15 @@ def ablate_main(argv: list[str] | None = None) -> int:
     p.add_argument("spec", help="YAML or JSON ablation spec")
     p.add_argument("--only", default=None, metavar="A,B", help="train only these variants")
     p.add_argument("--dry-run", action="store_true", help="list the runs and exit")
+    p.add_argument("--collect", action="store_true", help="train nothing: write the table and plots from the finished runs")
     args = p.parse_args(argv)
     try:
         spec = load_spec(args.spec)
         if args.dry_run:
             for name, seed, cfg in spec.runs(): print(f"{name}  seed {seed}  -> {cfg.train.out_dir}")
             return 0
-        path = run_ablation(spec, progress=sys.stderr.isatty(), only=args.only.split(",") if args.only else None)
+        path = run_ablation(spec, progress=sys.stderr.isatty(), only=args.only.split(",") if args.only else None,
+                            train=not args.collect)
     except (ConfigError, ValueError) as e:
         print(f"relicv2-ablate: error: {e}", file=sys.stderr); return 2
     rows = read_results(path)

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
 # %% auto #0
-__all__ = ['Pair', 'PRESETS', 'DataConfig', 'ViewsConfig', 'EncoderConfig', 'HeadConfig', 'LossConfig', 'TargetConfig',
-           'OptimConfig', 'TrainConfig', 'EvalConfig', 'RunConfig', 'ConfigError', 'coerce', 'update', 'to_dict',
-           'preset', 'atomic_write', 'parse_set', 'load_config', 'save_config']
+__all__ = ['Pair', 'RENAMED', 'SHORT_RUN', 'PRESETS', 'DataConfig', 'ViewsConfig', 'EncoderConfig', 'HeadConfig', 'LossConfig',
+           'TargetConfig', 'OptimConfig', 'TrainConfig', 'EvalConfig', 'RunConfig', 'ConfigError', 'coerce', 'update',
+           'to_dict', 'preset', 'atomic_write', 'parse_set', 'load_config', 'save_config']
 
 # %% ../nbs/00_config.ipynb #cb0670b3
 @dataclass
@@ -101,7 +101,8 @@ class OptimConfig:
     weight_decay: float = 1.5e-6  # [B]
     momentum: float = 0.9  # [B]
     trust_coefficient: float = 1e-3  # [B] LARS
-    warmup_epochs: float = 10.0  # [B]
+    warmup_fraction: float = 0.01  # [B] share of the run spent in linear warm-up (BYOL: 10 of 1000 epochs)
+    excluded_lr_scale: float = 1.0  # [B] learning rate of biases and norm parameters relative to the others (BYOL: 1)
 
 @dataclass
 class TrainConfig:
@@ -118,7 +119,7 @@ class TrainConfig:
     ckpt_every: int = 500  # steps between checkpoints (and one at the end)
     keep_last: int = 3  # checkpoints kept
     log_every: int = 10  # steps between metric lines
-    monitor_every: int = 1  # epochs between online kNN monitor evaluations (0 = off)
+    monitor_steps: int = 500  # steps between online kNN monitor evaluations, also at the first and last step (0 = off)
     tensorboard: bool = False  # also log metrics for TensorBoard (needs the tensorboard package)
 
 @dataclass
@@ -127,6 +128,8 @@ class EvalConfig:
     linear_epochs: int = 100  # [B]
     linear_batch_size: int = 1024  # [B]
     linear_base_lr: float = 0.3  # [B] lr = base_lr * batch / 256, SGD Nesterov, cosine, no weight decay
+    linear_solver: Literal["sgd", "lbfgs"] = "sgd"  # [B] sgd: BYOL's protocol; lbfgs: SimCLR's, L2 weight chosen on held-out rows
+    bn_recalibrate: int = 0  # [R] re-estimate BN statistics on this many whole training images before evaluating (0 = off)
     knn_k: int = 20  # [R] neighbours (common practice: 20 or 200)
     knn_temperature: float = 0.07  # [R] as in InstDisc / DINO's kNN
 
@@ -209,6 +212,11 @@ def coerce(value: Any,  # a parsed YAML/JSON value, or a string from the command
     raise TypeError(f"coerce: unsupported annotation {tp!r} for {name!r}")
 
 # %% ../nbs/00_config.ipynb #b1c27e2b
+RENAMED = {  # old field -> what replaced it, so that an old config file gets a pointer, not just "unknown"
+    "optim.warmup_epochs": "optim.warmup_fraction, a share of the run's steps (10 warm-up epochs of 100 is 0.1)",
+    "train.monitor_every": "train.monitor_steps, counted in steps (an epoch has len(train set) // batch_size of them)",
+}
+
 def _hints(cls) -> dict:
     return typing.get_type_hints(cls)
 
@@ -230,6 +238,8 @@ def update(cfg: RunConfig,  # the config to start from (not modified)
             items = value.items()
         else: items = [(fld, value)]
         for f, v in items:
+            if f"{sec}.{f}" in RENAMED:
+                raise ConfigError(f"config field {sec}.{f} was replaced by {RENAMED[f'{sec}.{f}']}")
             if f not in hints:
                 raise ConfigError(f"unknown config field {sec}.{f}{_near(f, hints)}; fields of {sec!r}: {', '.join(hints)}")
             new[sec][f] = coerce(v, hints[f], f"{sec}.{f}")
@@ -240,6 +250,13 @@ def to_dict(cfg: RunConfig) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 # %% ../nbs/00_config.ipynb #40ec5c66
+SHORT_RUN: dict = {  # the short-run recipe of the CPU presets (dotted keys, applied after the sections); 09_train measures it
+    "views.blur_prob": (0.0, 0.0), "views.large_scale": (0.2, 1.0), "views.small_scale": (0.1, 0.3),  # small-image recipes
+    "target.tau_base": 0.97,  # leaves under 1% of the random initial weights in the target after a few hundred steps
+    "optim.optimizer": "lars", "optim.base_lr": 5.0, "optim.weight_decay": 1e-5,
+    "optim.warmup_fraction": 0.1, "optim.excluded_lr_scale": 0.2,  # warm-up a tenth of the run; biases and BN at lr / 5
+}
+
 PRESETS: dict[str, dict] = {
     "paper": {"data.dataset": "imagefolder:/data/imagenet"},
     "demo": {
@@ -248,9 +265,8 @@ PRESETS: dict[str, dict] = {
         "encoder": {"arch": "resnet18", "width": 0.25, "small_stem": True, "channels_last": True},
         "heads": {"projector_hidden": 512, "projector_out": 128, "predictor_hidden": 512},
         "loss": {"n_negatives": None},
-        "target": {"tau_base": 0.99},
-        "optim": {"optimizer": "lars", "base_lr": 5.0, "weight_decay": 1e-5, "warmup_epochs": 1.0},
-        "train": {"epochs": 10, "batch_size": 128, "out_dir": "runs/demo", "ckpt_every": 100, "log_every": 10},
+        **SHORT_RUN,
+        "train": {"epochs": 10, "batch_size": 128, "out_dir": "runs/demo", "ckpt_every": 100, "log_every": 10, "monitor_steps": 78},
         "eval": {"linear_epochs": 20, "linear_batch_size": 256, "knn_k": 20},
     },
     "tiny": {
@@ -259,14 +275,21 @@ PRESETS: dict[str, dict] = {
         "encoder": {"arch": "resnet18", "width": 0.0625, "small_stem": True},
         "heads": {"projector_hidden": 32, "projector_out": 16, "predictor_hidden": 32},
         "loss": {"n_negatives": 4},
-        "optim": {"optimizer": "lars", "base_lr": 0.2, "warmup_epochs": 0.0},
-        "train": {"epochs": 1, "batch_size": 16, "out_dir": "runs/tiny", "ckpt_every": 2, "log_every": 1, "monitor_every": 0},
+        "optim": {"optimizer": "lars", "base_lr": 0.2, "warmup_fraction": 0.0},
+        "train": {"epochs": 1, "batch_size": 16, "out_dir": "runs/tiny", "ckpt_every": 2, "log_every": 1, "monitor_steps": 0},
         "eval": {"linear_epochs": 2, "linear_batch_size": 32, "knn_k": 5},
     },
 }
+PRESETS["fashion-mnist"] = {  # the Fashion-MNIST benchmark: the demo network and recipe on 60000 real photographs
+    **PRESETS["demo"],
+    "data": {"dataset": "fashion-mnist:/usr/share/datasets/fashion-mnist", "image_size": 32},  # Debian's dataset-fashion-mnist
+    "views": {**PRESETS["demo"]["views"], "mask_prob": 0.0},  # no saliency masks: none to remove
+    "train": {**PRESETS["demo"]["train"], "epochs": 2, "batch_size": 256, "out_dir": "runs/fashion-mnist", "monitor_steps": 26},
+    "eval": {**PRESETS["demo"]["eval"], "linear_solver": "lbfgs"},  # a converged probe: raw pixels are a strong baseline here
+}
 
 def preset(name: str) -> RunConfig:
-    "The named preset: `tiny` (tests), `demo` (a 2-core CPU) or `paper` (the ImageNet recipe)."
+    "The named preset: `tiny` (tests), `demo` (a 2-core CPU), `fashion-mnist` (the CPU benchmark) or `paper` (ImageNet)."
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}{_near(name, PRESETS)}; allowed: {', '.join(PRESETS)}")
     return update(RunConfig(), PRESETS[name])

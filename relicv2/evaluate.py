@@ -18,7 +18,9 @@ from .data import collate, dataset_splits, from_config as dataset_from_config
 from .optim import lr_schedule, set_lr
 
 # %% auto #0
-__all__ = ['knn_classify', 'linear_probe', 'extract_features', 'evaluate', 'format_table', 'evaluate_from_config']
+__all__ = ['LBFGS_DECAYS', 'BASELINES', 'knn_classify', 'linear_probe', 'lbfgs_probe', 'extract_features', 'evaluate',
+           'format_table', 'evaluate_from_config', 'PixelEncoder', 'initial_encoder', 'baseline_encoder',
+           'recalibrate_bn']
 
 # %% ../nbs/10_eval.ipynb #df887e9d
 def _check_feats(x, name: str, dim: Optional[int] = None) -> Tensor:
@@ -182,6 +184,70 @@ def linear_probe(train_feats: Tensor,  # (N, D) frozen features of the training 
         out.update(top1=_percent(_hits(order, test_labels, 1)), top5=_percent(_hits(order, test_labels, 5)))
     return out
 
+# %% ../nbs/10_eval.ipynb #a07dad64
+LBFGS_DECAYS = (1e-4, 1e-3, 1e-2, 1e-1)  # [R] the L2 weights tried, chosen on held-out training features
+
+def _lbfgs_fit(z: Tensor, y: Tensor, C: int, weight_decay: float, max_iter: int) -> nn.Linear:
+    "Minimise mean cross-entropy + weight_decay / 2 * |W|^2 of a zero-initialised linear layer with L-BFGS."
+    layer = nn.Linear(z.shape[1], C, device=z.device)
+    nn.init.zeros_(layer.weight), nn.init.zeros_(layer.bias)
+    opt = torch.optim.LBFGS(layer.parameters(), lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-7, tolerance_change=1e-10)
+    def closure():
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(layer(z), y) + 0.5 * weight_decay * layer.weight.square().sum()
+        loss.backward()
+        return loss
+    opt.step(closure)
+    return layer.requires_grad_(False)
+
+# %% ../nbs/10_eval.ipynb #d009811c
+def lbfgs_probe(train_feats: Tensor,  # (N, D) frozen features of the training set
+                train_labels: Tensor,  # (N,) int labels >= 0
+                test_feats: Optional[Tensor] = None,  # (M, D) features to evaluate, or None
+                test_labels: Optional[Tensor] = None,  # (M,) int labels (with test_feats)
+                *,
+                n_classes: Optional[int] = None,  # outputs of the layer; None: the largest label + 1
+                weight_decays: tuple = LBFGS_DECAYS,  # L2 weights to choose from (one value: no choice, no held-out set)
+                val_fraction: float = 0.1,  # share of the training rows held out to choose the L2 weight
+                max_iter: int = 200,  # L-BFGS iterations per fit
+                seed: int = 0,  # seeds which rows are held out
+                standardize: bool = True,  # fit on (x - mean) / std of the training features
+                device=None,  # where to fit; None: train_feats' device
+               ) -> dict:  # top1, top5, train_top1, classifier (on raw features), weight_decay, val_top1 {wd: %}
+    "L2-regularised logistic regression on frozen features by L-BFGS, the L2 weight chosen on held-out training rows."
+    train_feats = _check_feats(train_feats, "train_feats")
+    train_labels = _check_labels(train_labels, "train_labels", len(train_feats))
+    if (test_feats is None) != (test_labels is None): raise ValueError("test_feats and test_labels must be given together")
+    if test_feats is not None:
+        test_feats = _check_feats(test_feats, "test_feats", train_feats.shape[1])
+        test_labels = _check_labels(test_labels, "test_labels", len(test_feats))
+    if not weight_decays or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and 0 <= w < math.inf for w in weight_decays):
+        raise ValueError(f"weight_decays must be a non-empty tuple of floats >= 0, got {weight_decays!r}")
+    if not (isinstance(val_fraction, float) and 0 < val_fraction < 1): raise ValueError(f"val_fraction must be a float in (0, 1), got {val_fraction!r}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1: raise ValueError(f"max_iter must be an int >= 1, got {max_iter!r}")
+    C = _n_classes(n_classes, train_labels, test_labels)
+    dev = torch.device(device) if device is not None else train_feats.device
+    x, y = train_feats.to(dev, torch.float32), train_labels.to(dev)
+    mean, std = _standardizer(x) if standardize else (x.new_zeros(x.shape[1]), x.new_ones(x.shape[1]))
+    z = (x - mean) / std
+    val_top1 = {}
+    if len(weight_decays) > 1:  # choose the L2 weight on a held-out share of the training rows
+        perm = torch.randperm(len(z), generator=torch.Generator().manual_seed(seed)).to(dev)
+        n_val = max(1, round(val_fraction * len(z)))
+        val, fit_rows = perm[:n_val], perm[n_val:]
+        for wd in weight_decays:
+            layer = _lbfgs_fit(z[fit_rows], y[fit_rows], C, float(wd), max_iter)
+            val_top1[float(wd)] = _percent(_hits(_rank(layer(z[val])), y[val], 1))
+    best = max(val_top1, key=val_top1.get) if val_top1 else float(weight_decays[0])  # ties: the smaller weight
+    layer = _fold(_lbfgs_fit(z, y, C, best, max_iter), mean, std)
+    out = dict(top1=None, top5=None, train_top1=_percent(_hits(_rank(layer(x)), y, 1)), classifier=layer,
+               weight_decay=best, val_top1=val_top1)
+    if test_feats is not None:
+        order = _rank(layer(test_feats.to(dev, torch.float32)))
+        out.update(top1=_percent(_hits(order, test_labels, 1)), top5=_percent(_hits(order, test_labels, 5)))
+    return out
+
 # %% ../nbs/10_eval.ipynb #a623e6e0
 def _device_of(module: nn.Module, device) -> torch.device:
     "`device`, or the device of the module's first parameter (CPU for a module without parameters)."
@@ -240,6 +306,8 @@ def evaluate(encoder: nn.Module,  # the frozen encoder (the online one), images 
              linear_epochs: int = 100,  # [B]
              linear_batch_size: int = 1024,  # [B]
              linear_base_lr: float = 0.3,  # [B] lr = base_lr * batch / 256
+             linear_solver: str = "sgd",  # `sgd` (BYOL's protocol, the three settings above) or `lbfgs` (`lbfgs_probe`)
+             bn_recalibrate: int = 0,  # re-estimate BN statistics on this many whole training images first (0: off)
              batch_size: int = 256,  # images per forward pass of feature extraction
              seed: int = 0,  # seeds the linear probe's shuffling
              device=None,  # where the encoder runs; None: its parameters' device
@@ -247,14 +315,17 @@ def evaluate(encoder: nn.Module,  # the frozen encoder (the online one), images 
             ) -> dict[str, dict]:  # {split: {knn_top1, knn_top5, linear_top1, linear_top5}} in percent
     "kNN and linear-probe accuracy of a frozen encoder on each test split, features computed once per split."
     if not isinstance(test_sets, dict) or not test_sets: raise ValueError(f"test_sets must be a non-empty dict {{name: Dataset}}, got {type(test_sets).__name__}")
+    if linear_solver not in ("sgd", "lbfgs"): raise ValueError(f"eval.linear_solver must be one of 'sgd', 'lbfgs', got {linear_solver!r}")
     kw = dict(image_size=image_size, batch_size=batch_size, device=device, progress=progress)
+    if bn_recalibrate: encoder = recalibrate_bn(encoder, train_set, bn_recalibrate, image_size=image_size, batch_size=batch_size, device=device)
     train_x, train_y = extract_features(encoder, train_set, **kw)
     if int(train_y.min()) < 0: raise ValueError("train_set has items without a label (-1); evaluation needs a labelled dataset")
     tests = {name: extract_features(encoder, d, **kw) for name, d in test_sets.items()}
     classes = getattr(train_set, "classes", None)
     n_classes = max([len(classes) if classes else 0, int(train_y.max()) + 1] + [int(y.max()) + 1 for _, y in tests.values()])
-    probe = linear_probe(train_x, train_y, n_classes=n_classes, epochs=linear_epochs, batch_size=linear_batch_size,
-                         base_lr=linear_base_lr, seed=seed)["classifier"]
+    if linear_solver == "lbfgs": probe = lbfgs_probe(train_x, train_y, n_classes=n_classes, seed=seed)["classifier"]
+    else: probe = linear_probe(train_x, train_y, n_classes=n_classes, epochs=linear_epochs, batch_size=linear_batch_size,
+                               base_lr=linear_base_lr, seed=seed)["classifier"]
     results = {}
     for name, (x, y) in tests.items():
         if int(y.min()) < 0: raise ValueError(f"test split {name!r} has items without a label (-1); evaluation needs labels")
@@ -313,4 +384,50 @@ def evaluate_from_config(encoder: nn.Module,  # the frozen encoder
                     {s: dataset_from_config(cfg.data, s, **dataset_kw) for s in splits},
                     image_size=cfg.views.large_size, knn_k=e.knn_k, knn_temperature=e.knn_temperature,
                     linear_epochs=e.linear_epochs, linear_batch_size=e.linear_batch_size, linear_base_lr=e.linear_base_lr,
-                    seed=cfg.train.seed, device=device, progress=progress)
+                    linear_solver=e.linear_solver, bn_recalibrate=e.bn_recalibrate, seed=cfg.train.seed, device=device, progress=progress)
+
+# %% ../nbs/10_eval.ipynb #cb282a23
+class PixelEncoder(nn.Module):
+    "The raw-pixel baseline: an image's pixels, flattened, are its features."
+    def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, C * H * W)
+        return x.flatten(1)
+
+def initial_encoder(cfg) -> nn.Module:
+    "The encoder of a run of `cfg` (a `RunConfig`) at its random initialisation: the weights `fit` starts from."
+    from relicv2.encoder import build_networks
+    torch.manual_seed(cfg.train.seed)  # fit seeds every generator with train.seed, then builds the networks first
+    return build_networks(cfg.encoder, cfg.heads)[0].encoder
+
+BASELINES = ("raw-pixels", "random-init")
+
+def baseline_encoder(name: str,  # one of BASELINES
+                     cfg,  # the run config whose encoder and seed the random-init baseline takes
+                    ) -> nn.Module:
+    "The encoder of a named baseline: `raw-pixels` or `random-init`."
+    if name not in BASELINES: raise ValueError(f"baseline must be one of {', '.join(BASELINES)}, got {name!r}")
+    return PixelEncoder() if name == "raw-pixels" else initial_encoder(cfg)
+
+# %% ../nbs/10_eval.ipynb #b77747d4
+@torch.no_grad()
+def recalibrate_bn(encoder: nn.Module,  # the frozen encoder (not modified)
+                   dataset: Dataset,  # images to estimate the statistics from (the first n)
+                   n: int,  # how many images
+                   *,
+                   image_size: Optional[int] = None,  # read them at this side, as `extract_features` does
+                   batch_size: int = 256,  # images per forward pass
+                   device=None,  # where to run; None: the encoder's device
+                  ) -> nn.Module:  # a copy whose BN running mean and variance are those of the n images
+    "A copy of `encoder` whose batch-norm running statistics are re-estimated on whole images (cumulative average)."
+    import copy
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1: raise ValueError(f"eval.bn_recalibrate must be an int >= 1 here, got {n!r}")
+    enc = copy.deepcopy(encoder)
+    bns = [m for m in enc.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns: return enc
+    dev = _device_of(enc, device)
+    momenta = [m.momentum for m in bns]
+    for m in bns: m.reset_running_stats(); m.momentum = None  # None: the running average is the plain mean of all batches
+    enc.train()
+    loader = DataLoader(torch.utils.data.Subset(dataset, range(min(n, len(dataset)))), batch_size=batch_size, collate_fn=collate)
+    for batch in loader: enc(_to_input(batch.images.to(dev), image_size))
+    for m, mom in zip(bns, momenta): m.momentum = mom
+    return enc.eval()

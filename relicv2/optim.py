@@ -29,12 +29,15 @@ def _as_modules(model) -> list[tuple[str, nn.Module]]:
 
 def param_groups(model: nn.Module | list[nn.Module],  # the trained network(s): online encoder, projector, predictor
                  weight_decay: float,  # [B] applied to the adapted group only
+                 excluded_lr_scale: float = 1.0,  # [B] learning rate of the excluded group relative to the schedule (BYOL: 1)
                 ) -> list[dict]:
-    "Two parameter groups: weights (decayed, LARS-adapted) and biases + norm parameters (neither)."
+    "Two parameter groups: weights (decayed, LARS-adapted) and biases + norm parameters (neither, own lr scale)."
     if not (isinstance(weight_decay, (int, float)) and 0.0 <= weight_decay < math.inf):
         raise ValueError(f"weight_decay must be a float >= 0, got {weight_decay!r}")
-    adapted = dict(params=[], param_names=[], weight_decay=float(weight_decay), lars_exclude=False)
-    excluded = dict(params=[], param_names=[], weight_decay=0.0, lars_exclude=True)
+    if isinstance(excluded_lr_scale, bool) or not isinstance(excluded_lr_scale, (int, float)) or not 0.0 <= excluded_lr_scale < math.inf:
+        raise ValueError(f"optim.excluded_lr_scale must be a float >= 0, got {excluded_lr_scale!r}")
+    adapted = dict(params=[], param_names=[], weight_decay=float(weight_decay), lars_exclude=False, lr_scale=1.0)
+    excluded = dict(params=[], param_names=[], weight_decay=0.0, lars_exclude=True, lr_scale=float(excluded_lr_scale))
     seen = set()
     for prefix, root in _as_modules(model):
         for mod_name, mod in root.named_modules():
@@ -107,7 +110,7 @@ def lr_schedule(base_lr: float,  # [B] learning rate for a batch of 256 (BYOL: 0
                 batch_size: int,  # global batch size B; the peak rate is base_lr * B / 256
                 total_steps: int,  # K, optimisation steps of the run
                 warmup_steps: int,  # W, steps of linear warm-up from 0, 0 <= W <= K
-                final_lr: float = 0.0,  # where the cosine ends, at step K (BYOL: 0)
+                final_lr: float = 0.0,  # where the cosine ends, on the last step K - 1 (BYOL: 0)
                ) -> Tensor:  # (K,) float64, the learning rate of every step
     "Linear warm-up from 0 to base_lr * batch_size / 256, then cosine decay to final_lr."
     if isinstance(base_lr, bool) or not isinstance(base_lr, (int, float)) or not 0.0 < base_lr < math.inf:
@@ -121,19 +124,19 @@ def lr_schedule(base_lr: float,  # [B] learning rate for a batch of 256 (BYOL: 0
         raise ValueError(f"final_lr must be a float in [0, base_lr * batch_size / 256 = {peak:g}], got {final_lr!r}")
     k = torch.arange(total_steps, dtype=torch.float64)
     warm = peak * k / max(warmup_steps, 1)
-    t = (k - warmup_steps).clamp(min=0) / max(total_steps - warmup_steps, 1)
+    t = (k - warmup_steps).clamp(min=0) / max(total_steps - 1 - warmup_steps, 1)  # 1 on the last step: it runs at final_lr
     cosine = final_lr + (peak - final_lr) * (1 + torch.cos(math.pi * t)) / 2
     lr = torch.where(k < warmup_steps, warm, cosine)
     assert lr.shape == (total_steps,)
     return lr
 
-def set_lr(optimizer: torch.optim.Optimizer,  # any optimiser; every group gets the same rate
+def set_lr(optimizer: torch.optim.Optimizer,  # any optimiser; a group with an `lr_scale` gets lr times that
            lr: float | Tensor,  # the rate for this step, e.g. `schedule[step]`
           ) -> None:
-    "Write the learning rate of this step into every parameter group."
+    "Write the learning rate of this step into every parameter group (times the group's `lr_scale`, if any)."
     lr = float(lr)
     if not 0.0 <= lr < math.inf: raise ValueError(f"lr must be a float >= 0, got {lr!r}")
-    for g in optimizer.param_groups: g["lr"] = lr
+    for g in optimizer.param_groups: g["lr"] = lr * g.get("lr_scale", 1.0)
 
 # %% ../nbs/07_optim.ipynb #d8843e21
 OPTIMIZERS = ("lars", "sgd", "adamw")
@@ -144,10 +147,11 @@ def build_optimizer(model: nn.Module | list[nn.Module],  # the trained network(s
                     weight_decay: float = 0.0,  # for weights only; biases and norm parameters get 0
                     momentum: float = 0.9,  # [B] LARS / SGD momentum, AdamW beta1
                     trust_coefficient: float = 1e-3,  # [B] LARS eta
+                    excluded_lr_scale: float = 1.0,  # [B] lr of biases and norm parameters relative to the others
                    ) -> torch.optim.Optimizer:
-    "LARS, SGD or AdamW over `param_groups(model, weight_decay)`."
+    "LARS, SGD or AdamW over `param_groups(model, weight_decay, excluded_lr_scale)`."
     if name not in OPTIMIZERS: raise ValueError(f"optimizer name must be one of {', '.join(OPTIMIZERS)}; got {name!r}")
-    groups = param_groups(model, weight_decay)
+    groups = param_groups(model, weight_decay, excluded_lr_scale)
     if name == "lars": return LARS(groups, lr=lr, momentum=momentum, trust_coefficient=trust_coefficient)
     if not 0.0 <= momentum < 1.0: raise ValueError(f"momentum must be a float in [0, 1), got {momentum!r}")
     if name == "sgd": return torch.optim.SGD(groups, lr=lr, momentum=momentum)
@@ -159,16 +163,18 @@ def optimizer_from_config(cfg: OptimConfig,  # the `optim` section of a run conf
                          ) -> torch.optim.Optimizer:
     "The optimiser named by `cfg.optimizer`, starting at `cfg.base_lr` (the schedule takes over at step 0)."
     return build_optimizer(model, cfg.optimizer, lr=cfg.base_lr, weight_decay=cfg.weight_decay,
-                           momentum=cfg.momentum, trust_coefficient=cfg.trust_coefficient)
+                           momentum=cfg.momentum, trust_coefficient=cfg.trust_coefficient, excluded_lr_scale=cfg.excluded_lr_scale)
 
 def lr_schedule_from_config(cfg: OptimConfig,  # the `optim` section of a run config
                             batch_size: int,  # global batch size (`TrainConfig.batch_size`)
                             steps_per_epoch: int,  # optimisation steps in one epoch
                             epochs: int,  # `TrainConfig.epochs`
                            ) -> Tensor:  # (epochs * steps_per_epoch,) float64
-    "`lr_schedule` with the warm-up given in epochs."
+    "`lr_schedule` with the warm-up given as a share of the run: the same shape for any number of epochs."
     if not _is_int(steps_per_epoch) or steps_per_epoch < 1: raise ValueError(f"steps_per_epoch must be an int >= 1, got {steps_per_epoch!r}")
     if not _is_int(epochs) or epochs < 1: raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
-    if not 0.0 <= cfg.warmup_epochs <= epochs:
-        raise ValueError(f"optim.warmup_epochs must be in [0, epochs={epochs}], got {cfg.warmup_epochs!r}")
-    return lr_schedule(cfg.base_lr, batch_size, epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch))
+    f = cfg.warmup_fraction
+    if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f <= 1.0:
+        raise ValueError(f"optim.warmup_fraction must be a float in [0, 1] (a share of the run's steps), got {f!r}")
+    total = epochs * steps_per_epoch
+    return lr_schedule(cfg.base_lr, batch_size, total, round(f * total))

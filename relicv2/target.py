@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 # %% auto #0
-__all__ = ['BufferMode', 'BUFFER_MODES', 'ema_momentum', 'momentum_schedule', 'make_target', 'update_target']
+__all__ = ['BufferMode', 'BUFFER_MODES', 'ema_momentum', 'momentum_schedule', 'target_init_share', 'make_target', 'update_target']
 
 # %% ../nbs/06_target.ipynb #32c56401
 def _check_schedule_args(total_steps, tau_base):
@@ -41,6 +41,13 @@ def momentum_schedule(total_steps: int,  # K, the number of optimisation steps o
     tau = 1.0 - (1.0 - tau_base) * (torch.cos(math.pi * k / total_steps) + 1.0) / 2.0
     assert tau.shape == (total_steps,)
     return tau
+
+# %% ../nbs/06_target.ipynb #60f8b820
+def target_init_share(momenta: Tensor,  # (K,) the momentum of every step, e.g. `momentum_schedule(K, tau_base)`
+                     ) -> float:
+    "Share of the target's initial weights left in it after the run: the product of the momenta."
+    if not isinstance(momenta, Tensor) or momenta.ndim != 1: raise ValueError("momenta must be a 1-D tensor of per-step momenta")
+    return float(momenta.double().log().sum().exp()) if len(momenta) else 1.0
 
 # %% ../nbs/06_target.ipynb #c8f366d8
 def make_target(online: nn.Module,  # online encoder + projector (not the predictor)

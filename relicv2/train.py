@@ -29,7 +29,7 @@ from .distributed import DistEnv, init_distributed, gather, gather_with_grad, sy
 from .encoder import build_networks, multicrop_forward
 from .loss import ReLICv2Loss
 from .optim import lr_schedule_from_config, optimizer_from_config, set_lr
-from .target import momentum_schedule, update_target
+from .target import momentum_schedule, target_init_share, update_target
 from .views import ViewGenerator
 
 # %% auto #0
@@ -211,6 +211,7 @@ class RunResult:
     steps: int  # optimisation steps completed
     final_loss: float  # loss of the last step (nan if no step ran)
     checkpoint: Optional[Path]  # the last checkpoint written
+    target_init_share: Optional[float] = None  # share of its random initial weights left in the target at the end (None: no target)
     online: torch.nn.Module = field(repr=False, default=None)  # the trained online network (encoder, projector, predictor)
 
 def _autocast(device: torch.device, precision: str):
@@ -292,9 +293,13 @@ def fit(cfg: RunConfig,  # the whole run, e.g. `preset("demo")`
     elif list_checkpoints(run_dir):
         raise CheckpointError(f"{str(run_dir)!r} already holds checkpoints; resume, or choose another train.out_dir")
     log = MetricsLog(run_dir / "metrics.jsonl", resume_step=step, enabled=env.is_main, tensorboard=tc.tensorboard)
+    init_share = target_init_share(taus) if target is not None else None  # under 1% is what a short run wants
     if env.is_main:
         from relicv2.config import save_config
         save_config(cfg, run_dir / "config.yaml")
+        if step == 0:
+            log.write(step=0, epoch=0, target_init_share=init_share)
+            if tc.monitor_steps: log.write(step=0, epoch=0, **monitor(online.encoder, cfg, dev))  # the curve starts at init
 
     def checkpoint(step: int) -> Path:
         "Every process hands in its random state; process 0 writes."
@@ -366,18 +371,18 @@ def fit(cfg: RunConfig,  # the whole run, e.g. `preset("demo")`
                           data_wait=min(wait / dt, 1.0))
                 wait = 0.0; bar.set_postfix(loss=f"{loss_value:.3f}")
             if step % tc.ckpt_every == 0 and step < end: ckpt_path = checkpoint(step) or ckpt_path
+            if tc.monitor_steps and env.is_main and (step % tc.monitor_steps == 0 or step == end):
+                log.write(step=step, epoch=epoch, **monitor(online.encoder, cfg, dev))  # the learning curve
+                online.train()
             t_wait = time.perf_counter()
         else:
             epoch += 1
-            if tc.monitor_every and epoch % tc.monitor_every == 0 and env.is_main and step < end:
-                log.write(step=step, epoch=epoch, **monitor(online.encoder, cfg, dev))
-                online.train()
     bar.close()
     # ---------------- the end of the run ----------------
     if step > 0: ckpt_path = checkpoint(step) or ckpt_path
     if env.is_main and step > 0:
         plot_metrics(run_dir / "metrics.jsonl", run_dir / "loss.png", title=f"{cfg.loss.objective} on {cfg.data.dataset}")
-    return RunResult(run_dir, step, loss_value, ckpt_path, online)
+    return RunResult(run_dir, step, loss_value, ckpt_path, init_share, online)
 
 # %% ../nbs/09_train.ipynb #526db87f
 def monitor(encoder: torch.nn.Module, cfg: RunConfig, device, n_train: int = 2000, n_test: int = 1000) -> dict:

@@ -202,8 +202,9 @@ def test_schedule_shape_warmup_peak_and_end():
     assert s[0].item() == 0.0
     assert s[W - 1].item() == pytest.approx(peak * (W - 1) / W)  # last warm-up step
     assert s[W].item() == pytest.approx(peak) and s.max().item() == pytest.approx(peak)
-    expected_last = peak * (1 + math.cos(math.pi * (K - 1 - W) / (K - W))) / 2  # one step short of the cosine's end
-    assert s[-1].item() == pytest.approx(expected_last) and 0 < s[-1].item() < 1e-3 * peak
+    mid = W + (K - 1 - W) / 2  # the cosine runs from W to the last step K - 1
+    assert s[int(mid)].item() == pytest.approx(peak * (1 + math.cos(math.pi * (int(mid) - W) / (K - 1 - W))) / 2)
+    assert s[-1].item() == pytest.approx(0.0, abs=1e-12)  # the last step runs at final_lr
     assert (s[: W + 1].diff() > 0).all() and (s[W:].diff() < 0).all()
 
 
@@ -294,7 +295,7 @@ def test_build_optimizer_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match): build_optimizer(nn.Linear(2, 2), **args)
 
 
-@pytest.mark.parametrize("name", ["tiny", "demo", "paper"])
+@pytest.mark.parametrize("name", ["tiny", "demo", "paper", "fashion-mnist"])
 def test_from_config_presets(name):
     cfg = preset(name)
     opt = optimizer_from_config(cfg.optim, nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)))
@@ -302,15 +303,45 @@ def test_from_config_presets(name):
     s = lr_schedule_from_config(cfg.optim, cfg.train.batch_size, steps_per_epoch=7, epochs=cfg.train.epochs)
     assert len(s) == 7 * cfg.train.epochs
     assert s.max().item() == pytest.approx(cfg.optim.base_lr * cfg.train.batch_size / 256)
-    warm = round(cfg.optim.warmup_epochs * 7)
+    warm = round(cfg.optim.warmup_fraction * 7 * cfg.train.epochs)
     assert s.argmax().item() == warm
 
 
+@pytest.mark.parametrize("epochs", [1, 2, 3, 10, 1000])
+@pytest.mark.parametrize("fraction", [0.0, 0.05, 0.1, 0.5, 1.0])
+def test_schedule_shape_for_any_epochs(epochs, fraction):
+    "Warm-up is the same share of the run whatever the epochs; the last step runs at final_lr (0); length = epochs x steps."
+    spe = 13
+    s = lr_schedule_from_config(OptimConfig(base_lr=0.4, warmup_fraction=fraction), 512, spe, epochs)
+    K, W, peak = epochs * spe, round(fraction * epochs * spe), 0.4 * 512 / 256
+    assert len(s) == K and s[0].item() == (peak if W == 0 else 0.0)
+    assert (s[:W + 1].diff() > 0).all() if W < K else (s.diff() > 0).all()
+    if W < K:
+        assert s[W].item() == pytest.approx(peak) and (s[W:].diff() < 0).all() and s[-1].item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_schedule_single_step_and_half_point():
+    assert lr_schedule(1.0, 256, 1, 0).tolist() == [1.0]  # a one-step run: the peak (no room for a cosine)
+    s = lr_schedule(1.0, 256, 21, 0)
+    assert s[10].item() == pytest.approx(0.5) and s[20].item() == pytest.approx(0.0, abs=1e-12)
+
+
 def test_schedule_from_config_rounds_warmup_and_checks():
-    cfg = OptimConfig(base_lr=0.2, warmup_epochs=0.5)
+    cfg = OptimConfig(base_lr=0.2, warmup_fraction=0.25)
     s = lr_schedule_from_config(cfg, 256, steps_per_epoch=9, epochs=2)
     assert s.argmax().item() == 4  # round(4.5) = 4, Python's banker's rounding
-    with pytest.raises(ValueError, match=r"optim.warmup_epochs must be in \[0, epochs=2\]"):
-        lr_schedule_from_config(OptimConfig(warmup_epochs=3.0), 256, 9, 2)
+    for bad in (1.5, -0.1, True):
+        with pytest.raises(ValueError, match=r"optim.warmup_fraction must be a float in \[0, 1\]"):
+            lr_schedule_from_config(OptimConfig(warmup_fraction=bad), 256, 9, 2)
     with pytest.raises(ValueError, match="steps_per_epoch"): lr_schedule_from_config(cfg, 256, 0, 2)
     with pytest.raises(ValueError, match="epochs must be an int"): lr_schedule_from_config(cfg, 256, 9, 0)
+
+
+def test_excluded_lr_scale():
+    from relicv2.optim import set_lr
+    m = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    for name in ("lars", "sgd", "adamw"):
+        opt = build_optimizer(m, name, lr=1.0, excluded_lr_scale=0.25)
+        set_lr(opt, 0.8)
+        assert [g["lr"] for g in opt.param_groups] == [0.8, pytest.approx(0.2)]
+    with pytest.raises(ValueError, match="optim.excluded_lr_scale must be a float >= 0"): build_optimizer(m, "lars", lr=1.0, excluded_lr_scale=-1)

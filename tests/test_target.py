@@ -195,3 +195,24 @@ def test_mismatched_buffers_refused():
     online = _net()
     target = make_target(nn.Sequential(nn.Linear(5, 7), nn.LayerNorm(7), nn.ReLU(), nn.Linear(7, 3)))
     with pytest.raises(ValueError, match="buffers"): update_target(target, online, 0.5, buffers="copy")
+
+
+@pytest.mark.parametrize("K, tau_base", [(1, 0.5), (156, 0.996), (468, 0.97), (1000, 0.99)])
+def test_target_init_share_is_what_the_ema_leaves(K, tau_base):
+    "With an online network held at zero, the target after K updates is exactly share x its initial weights."
+    from relicv2.target import target_init_share
+    torch.manual_seed(0)
+    online, target = nn.Linear(4, 3), nn.Linear(4, 3)
+    nn.init.zeros_(online.weight); nn.init.zeros_(online.bias)
+    w0 = target.weight.detach().clone()
+    taus = momentum_schedule(K, tau_base)
+    for t in taus: update_target(target, online, float(t))
+    share = target_init_share(taus)
+    torch.testing.assert_close(target.weight.detach(), share * w0, rtol=1e-4, atol=1e-7)
+    assert 0 < share < 1
+
+
+def test_target_init_share_bad_input():
+    from relicv2.target import target_init_share
+    with pytest.raises(ValueError, match="momenta must be a 1-D tensor"): target_init_share(0.99)
+    assert target_init_share(torch.zeros(0)) == 1.0
