@@ -128,6 +128,24 @@ def _fold(layer: nn.Linear, mean: Tensor, std: Tensor) -> nn.Linear:
         layer.bias.sub_(layer.weight @ mean)
     return layer
 
+def _check_probe_inputs(train_feats, train_labels, test_feats, test_labels) -> tuple:
+    "The checked (train_feats, train_labels, test_feats, test_labels) of a probe; the test pair may be None."
+    train_feats = _check_feats(train_feats, "train_feats")
+    train_labels = _check_labels(train_labels, "train_labels", len(train_feats))
+    if (test_feats is None) != (test_labels is None): raise ValueError("test_feats and test_labels must be given together")
+    if test_feats is not None:
+        test_feats = _check_feats(test_feats, "test_feats", train_feats.shape[1])
+        test_labels = _check_labels(test_labels, "test_labels", len(test_feats))
+    return train_feats, train_labels, test_feats, test_labels
+
+def _probe_result(layer: nn.Linear, x: Tensor, y: Tensor, test_feats, test_labels, **extra) -> dict:
+    "A trained probe's accuracies: train top-1, and test top-1 / top-5 when test features are given."
+    out = dict(top1=None, top5=None, train_top1=_percent(_hits(_rank(layer(x)), y, 1)), classifier=layer, **extra)
+    if test_feats is not None:
+        order = _rank(layer(test_feats.to(x.device, torch.float32)))
+        out.update(top1=_percent(_hits(order, test_labels, 1)), top5=_percent(_hits(order, test_labels, 5)))
+    return out
+
 # %% ../nbs/10_eval.ipynb #9edad5dd
 def linear_probe(train_feats: Tensor,  # (N, D) frozen features of the training set
                  train_labels: Tensor,  # (N,) int labels >= 0
@@ -145,12 +163,7 @@ def linear_probe(train_feats: Tensor,  # (N, D) frozen features of the training 
                  device=None,  # where to train; None: train_feats' device
                 ) -> dict:  # top1, top5 (percent, None without test), train_top1, classifier (nn.Linear on raw features)
     "Train a linear classifier on frozen features (SGD Nesterov, cosine lr, cross-entropy) and measure its accuracy."
-    train_feats = _check_feats(train_feats, "train_feats")
-    train_labels = _check_labels(train_labels, "train_labels", len(train_feats))
-    if (test_feats is None) != (test_labels is None): raise ValueError("test_feats and test_labels must be given together")
-    if test_feats is not None:
-        test_feats = _check_feats(test_feats, "test_feats", train_feats.shape[1])
-        test_labels = _check_labels(test_labels, "test_labels", len(test_feats))
+    train_feats, train_labels, test_feats, test_labels = _check_probe_inputs(train_feats, train_labels, test_feats, test_labels)
     for name, v in (("epochs", epochs), ("batch_size", batch_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1: raise ValueError(f"{name} must be an int >= 1, got {v!r}")
     if not (isinstance(momentum, (int, float)) and 0 <= momentum < 1): raise ValueError(f"momentum must be a float in [0, 1), got {momentum!r}")
@@ -177,12 +190,7 @@ def linear_probe(train_feats: Tensor,  # (N, D) frozen features of the training 
             loss.backward()
             set_lr(opt, float(lrs[epoch * steps + i]))
             opt.step()
-    layer = _fold(layer.requires_grad_(False), mean, std)
-    out = dict(top1=None, top5=None, train_top1=_percent(_hits(_rank(layer(x)), y, 1)), classifier=layer)
-    if test_feats is not None:
-        order = _rank(layer(test_feats.to(dev, torch.float32)))
-        out.update(top1=_percent(_hits(order, test_labels, 1)), top5=_percent(_hits(order, test_labels, 5)))
-    return out
+    return _probe_result(_fold(layer.requires_grad_(False), mean, std), x, y, test_feats, test_labels)
 
 # %% ../nbs/10_eval.ipynb #a07dad64
 LBFGS_DECAYS = (1e-4, 1e-3, 1e-2, 1e-1)  # [R] the L2 weights tried, chosen on held-out training features
@@ -216,12 +224,7 @@ def lbfgs_probe(train_feats: Tensor,  # (N, D) frozen features of the training s
                 device=None,  # where to fit; None: train_feats' device
                ) -> dict:  # top1, top5, train_top1, classifier (on raw features), weight_decay, val_top1 {wd: %}
     "L2-regularised logistic regression on frozen features by L-BFGS, the L2 weight chosen on held-out training rows."
-    train_feats = _check_feats(train_feats, "train_feats")
-    train_labels = _check_labels(train_labels, "train_labels", len(train_feats))
-    if (test_feats is None) != (test_labels is None): raise ValueError("test_feats and test_labels must be given together")
-    if test_feats is not None:
-        test_feats = _check_feats(test_feats, "test_feats", train_feats.shape[1])
-        test_labels = _check_labels(test_labels, "test_labels", len(test_feats))
+    train_feats, train_labels, test_feats, test_labels = _check_probe_inputs(train_feats, train_labels, test_feats, test_labels)
     if not weight_decays or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and 0 <= w < math.inf for w in weight_decays):
         raise ValueError(f"weight_decays must be a non-empty tuple of floats >= 0, got {weight_decays!r}")
     if not (isinstance(val_fraction, float) and 0 < val_fraction < 1): raise ValueError(f"val_fraction must be a float in (0, 1), got {val_fraction!r}")
@@ -240,13 +243,8 @@ def lbfgs_probe(train_feats: Tensor,  # (N, D) frozen features of the training s
             layer = _lbfgs_fit(z[fit_rows], y[fit_rows], C, float(wd), max_iter)
             val_top1[float(wd)] = _percent(_hits(_rank(layer(z[val])), y[val], 1))
     best = max(val_top1, key=val_top1.get) if val_top1 else float(weight_decays[0])  # ties: the smaller weight
-    layer = _fold(_lbfgs_fit(z, y, C, best, max_iter), mean, std)
-    out = dict(top1=None, top5=None, train_top1=_percent(_hits(_rank(layer(x)), y, 1)), classifier=layer,
-               weight_decay=best, val_top1=val_top1)
-    if test_feats is not None:
-        order = _rank(layer(test_feats.to(dev, torch.float32)))
-        out.update(top1=_percent(_hits(order, test_labels, 1)), top5=_percent(_hits(order, test_labels, 5)))
-    return out
+    return _probe_result(_fold(_lbfgs_fit(z, y, C, best, max_iter), mean, std), x, y, test_feats, test_labels,
+                         weight_decay=best, val_top1=val_top1)
 
 # %% ../nbs/10_eval.ipynb #a623e6e0
 def _device_of(module: nn.Module, device) -> torch.device:
