@@ -320,7 +320,7 @@ def fit(cfg: RunConfig,  # the whole run, e.g. `preset("demo")`
     from tqdm import tqdm
     bar = tqdm(total=end, initial=step, disable=not show, desc="relicv2", unit="step", dynamic_ncols=True)
     online.train()
-    if target is not None: target.train()  # the target's BN statistics come from its own forward pass [SPEC 6]
+    if target is not None: target.train()  # the target's BN statistics come from its own forward pass [BYOL's network code]
     L = cfg.views.n_large
     loss_value, t_last, wait = float("nan"), time.perf_counter(), 0.0
     epoch = step // steps_per_epoch
