@@ -86,6 +86,7 @@ class LossConfig:
     n_negatives: Optional[int] = 10  # [R] n_e negatives sampled per image; None = all others in the batch
     beta: float = 1.0  # [R] weight of the negatives in the denominator (1.0 = off)
     kl_direction: Literal["online_to_target", "target_to_online", "symmetric"] = "online_to_target"  # [R]
+    kl_construction: Literal["anchor_swap", "relic_v1"] = "anchor_swap"  # [R] second distribution: roles swapped in a pair, or ReLIC's other ordering
 
 @dataclass
 class TargetConfig:

@@ -13,11 +13,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 # %% auto #0
-__all__ = ['KL_DIRECTIONS', 'OBJECTIVES', 'check_loss_args', 'prepare', 'contrast_indices', 'contrast_log_probs', 'kl_invariance',
-           'pair_loss', 'view_pairs', 'mean_over_pairs', 'relicv2_loss', 'byol_pair_loss', 'view_loss', 'ReLICv2Loss']
+__all__ = ['KL_DIRECTIONS', 'KL_CONSTRUCTIONS', 'OBJECTIVES', 'check_loss_args', 'prepare', 'contrast_indices',
+           'anchored_log_probs', 'contrast_log_probs', 'kl_invariance', 'pair_loss', 'view_pairs', 'mean_over_pairs',
+           'relicv2_loss', 'relic_v1_loss', 'byol_pair_loss', 'view_loss', 'ReLICv2Loss']
 
 # %% ../nbs/05_loss.ipynb #a17f1740
 KL_DIRECTIONS = ("online_to_target", "target_to_online", "symmetric")
+KL_CONSTRUCTIONS = ("anchor_swap", "relic_v1")
 OBJECTIVES = ("relicv2", "infonce", "byol")
 
 def check_loss_args(tau: float = 0.2,  # temperature, > 0
@@ -25,6 +27,7 @@ def check_loss_args(tau: float = 0.2,  # temperature, > 0
                     beta: float = 1.0,  # weight of the negatives in the denominator, > 0
                     kl_direction: str = "online_to_target",  # one of `KL_DIRECTIONS`
                     n_negatives: Optional[int] = 10,  # None, or an int >= 1 (the upper bound depends on the batch)
+                    kl_construction: str = "anchor_swap",  # one of `KL_CONSTRUCTIONS`
                    ) -> None:
     "Raise `ValueError` naming the first bad argument and its allowed values."
     if not isinstance(tau, (int, float)) or not tau > 0: raise ValueError(f"tau must be a number > 0, got {tau!r}")
@@ -34,6 +37,8 @@ def check_loss_args(tau: float = 0.2,  # temperature, > 0
         raise ValueError(f"kl_direction must be one of {', '.join(map(repr, KL_DIRECTIONS))}, got {kl_direction!r}")
     if n_negatives is not None and (isinstance(n_negatives, bool) or not isinstance(n_negatives, int) or n_negatives < 1):
         raise ValueError(f"n_negatives must be None (all other images) or an int >= 1, got {n_negatives!r}")
+    if kl_construction not in KL_CONSTRUCTIONS:
+        raise ValueError(f"kl_construction must be one of {', '.join(map(repr, KL_CONSTRUCTIONS))}, got {kl_construction!r}")
 
 # %% ../nbs/05_loss.ipynb #f935bfae
 def _check_pair(o: Tensor, t: Tensor) -> None:
@@ -68,6 +73,17 @@ def contrast_indices(n: int,  # N, the number of images (rows of o and t)
     return torch.cat([anchors[:, None], neg], dim=1)
 
 # %% ../nbs/05_loss.ipynb #114c77db
+def anchored_log_probs(a: Tensor,  # (N, D) the anchors' side, L2-normalised
+                       b: Tensor,  # (N, D) the side the anchors look at, L2-normalised
+                       idx: Tensor,  # (A, 1 + n_e) contrast set per anchor, column 0 = the anchor
+                       tau: float = 0.2,  # temperature
+                       beta: float = 1.0,  # weight of the negatives in the normaliser
+                      ) -> Tensor:  # (A, 1 + n_e) log softmax_k(phi(a_i, b_k) / tau), negatives weighted by beta
+    "One distribution over the contrast set: how anchor row a_i spreads its similarity over the rows b_k."
+    log_w = torch.zeros(idx.shape[1], dtype=a.dtype, device=a.device)
+    log_w[1:] = math.log(beta)
+    return ((a[idx[:, 0]] @ b.T).gather(1, idx) / tau + log_w).log_softmax(dim=1)
+
 def contrast_log_probs(o: Tensor,  # (N, D) online outputs, L2-normalised
                        t: Tensor,  # (N, D) target outputs, L2-normalised and detached
                        idx: Tensor,  # (A, 1 + n_e) contrast set per anchor, column 0 = the anchor
@@ -75,12 +91,7 @@ def contrast_log_probs(o: Tensor,  # (N, D) online outputs, L2-normalised
                        beta: float = 1.0,  # weight of the negatives in the normaliser
                       ) -> tuple[Tensor, Tensor]:  # log p_o (A, 1 + n_e) and log p_t (A, 1 + n_e), no grad
     "Log-softmax over each anchor's contrast set, anchored at the online view (p_o) and at the target view (p_t)."
-    anchors = idx[:, 0]
-    log_w = torch.zeros(idx.shape[1], dtype=o.dtype, device=o.device)
-    log_w[1:] = math.log(beta)
-    logits_o = (o[anchors] @ t.T).gather(1, idx) / tau + log_w  # phi(o_i, t_k)
-    logits_t = (t[anchors] @ o.detach().T).gather(1, idx) / tau + log_w  # phi(t_i, o_k): roles swapped
-    return logits_o.log_softmax(dim=1), logits_t.log_softmax(dim=1)
+    return anchored_log_probs(o, t, idx, tau, beta), anchored_log_probs(t, o.detach(), idx, tau, beta)  # p_t: roles swapped
 
 # %% ../nbs/05_loss.ipynb #6ec5ed5f
 def kl_invariance(log_p_o: Tensor,  # (A, K) log p_o, differentiable
@@ -106,6 +117,11 @@ def _check_anchors(anchors, n, device) -> Tensor:
         raise ValueError(f"anchors must be row indices in [0, {n - 1}] for this batch of N={n}")
     return anchors.long()
 
+def _check_batch(n: int, n_negatives: Optional[int]) -> None:
+    if n < 2: raise ValueError(f"o and t need at least 2 rows (images) so that there is a negative, got N={n}")
+    if n_negatives is not None and n_negatives > n - 1:
+        raise ValueError(f"n_negatives must be None or an int in [1, {n - 1}] for this batch of N={n}, got {n_negatives}")
+
 def pair_loss(o: Tensor,  # (N, D) online predictor outputs (normalised inside)
               t: Tensor,  # (N, D) target projections of the same N images (detached and normalised inside)
               *,
@@ -121,9 +137,7 @@ def pair_loss(o: Tensor,  # (N, D) online predictor outputs (normalised inside)
     check_loss_args(tau, alpha, beta, kl_direction, n_negatives)
     _check_pair(o, t)
     n = o.shape[0]
-    if n < 2: raise ValueError(f"o and t need at least 2 rows (images) so that there is a negative, got N={n}")
-    if n_negatives is not None and n_negatives > n - 1:
-        raise ValueError(f"n_negatives must be None or an int in [1, {n - 1}] for this batch of N={n}, got {n_negatives}")
+    _check_batch(n, n_negatives)
     anchors = _check_anchors(anchors, n, o.device)
     with torch.autocast(o.device.type, enabled=False):  # float32 even under autocast
         o, t = prepare(o, t)
@@ -176,6 +190,37 @@ def relicv2_loss(online_large: Sequence[Tensor],  # L tensors (N, D): online pre
     "ReLICv2 multi-crop loss: `pair_loss` summed over large x large (i == j included) and small x large, / (L+S)*L."
     return mean_over_pairs(lambda o, t: pair_loss(o, t, **pair_kwargs), online_large, online_small, target_large)
 
+# %% ../nbs/05_loss.ipynb #a14e57c4
+def relic_v1_loss(online_large: Sequence[Tensor],  # L >= 2 tensors (N, D): online predictor outputs of the large views
+                  online_small: Sequence[Tensor],  # S tensors (N, D): online predictor outputs of the small views
+                  target_large: Sequence[Tensor],  # L tensors (N, D): target projections of the large views
+                  *,
+                  tau: float = 0.2, alpha: float = 1.0, n_negatives: Optional[int] = 10, beta: float = 1.0,  # as in `pair_loss`
+                  kl_direction: str = "online_to_target",  # as in `pair_loss`
+                  anchors: Optional[Tensor] = None,  # (A,) long rows to compute the loss for; default all N
+                  generator: Optional[torch.Generator] = None,  # RNG for the negatives
+                 ) -> tuple[Tensor, dict[str, Tensor]]:  # loss, {'contrastive', 'invariance'} detached
+    "The multi-crop loss with ReLIC's invariance: KL(p_ij || sg[p_ji]) between the two orderings of large views i != j."
+    check_loss_args(tau, alpha, beta, kl_direction, n_negatives)
+    _check_views(online_large, online_small, target_large)
+    n_large, online = len(online_large), list(online_large) + list(online_small)
+    if n_large < 2: raise ValueError(f"kl_construction 'relic_v1' needs at least 2 large views (a pair in both orders), got L={n_large}")
+    for i, x in enumerate(online): _check_pair(x, target_large[i % n_large])
+    n = online[0].shape[0]
+    _check_batch(n, n_negatives)
+    anchors = _check_anchors(anchors, n, online[0].device)
+    log_p, shared = {}, {}
+    with torch.autocast(online[0].device.type, enabled=False):
+        for i, j in view_pairs(n_large, len(online_small)):
+            o, t = prepare(online[i], target_large[j])
+            key = (min(i, j), max(i, j)) if i < n_large and i != j else (i, j)  # the two orderings share negatives
+            if key not in shared: shared[key] = contrast_indices(n, anchors, n_negatives, generator)
+            log_p[i, j] = anchored_log_probs(o, t, shared[key], tau, beta)
+        contrastive = torch.stack([-lp[:, 0].mean() for lp in log_p.values()]).mean()
+        invariance = torch.stack([kl_invariance(log_p[i, j], log_p[j, i], kl_direction).mean()
+                                  for i in range(n_large) for j in range(n_large) if i != j]).mean()
+    return contrastive + alpha * invariance, {"contrastive": contrastive.detach(), "invariance": invariance.detach()}
+
 # %% ../nbs/05_loss.ipynb #61fc43d9
 def byol_pair_loss(o: Tensor,  # (N, D) online predictor outputs
                    t: Tensor,  # (N, D) target projections of the same images
@@ -198,38 +243,41 @@ def view_loss(objective: str,  # `relicv2`, `infonce` (alpha = 0) or `byol`
               *,
               tau: float = 0.2, alpha: float = 1.0, n_negatives: Optional[int] = 10, beta: float = 1.0,  # as in `pair_loss`
               kl_direction: str = "online_to_target",  # as in `pair_loss`
+              kl_construction: str = "anchor_swap",  # `anchor_swap` (`relicv2_loss`) or `relic_v1` (`relic_v1_loss`)
               anchors: Optional[Tensor] = None,  # (A,) long rows of the (gathered) batch owned by this process
               generator: Optional[torch.Generator] = None,  # RNG for the negatives
              ) -> tuple[Tensor, dict[str, Tensor]]:  # loss, averaged terms
     "The multi-crop loss of the chosen objective, averaged over its view pairs."
     if objective not in OBJECTIVES: raise ValueError(f"objective must be one of {', '.join(map(repr, OBJECTIVES))}, got {objective!r}")
-    check_loss_args(tau, alpha, beta, kl_direction, n_negatives)  # even for byol: a bad config is bad
+    check_loss_args(tau, alpha, beta, kl_direction, n_negatives, kl_construction)  # even for byol: a bad config is bad
     if objective == "byol":
         return mean_over_pairs(lambda o, t: byol_pair_loss(o, t, anchors=anchors), online_large, online_small, target_large,
                                include_same=False)
-    return relicv2_loss(online_large, online_small, target_large, tau=tau, alpha=0.0 if objective == "infonce" else alpha,
-                        n_negatives=n_negatives, beta=beta, kl_direction=kl_direction, anchors=anchors, generator=generator)
+    loss_fn = relic_v1_loss if kl_construction == "relic_v1" else relicv2_loss
+    return loss_fn(online_large, online_small, target_large, tau=tau, alpha=0.0 if objective == "infonce" else alpha,
+                   n_negatives=n_negatives, beta=beta, kl_direction=kl_direction, anchors=anchors, generator=generator)
 
 class ReLICv2Loss(nn.Module):
     "The configured multi-crop objective as a module: `loss, terms = crit(online_large, online_small, target_large)`."
     def __init__(self, objective: str = "relicv2", tau: float = 0.2, alpha: float = 1.0, n_negatives: Optional[int] = 10,
-                 beta: float = 1.0, kl_direction: str = "online_to_target"):
+                 beta: float = 1.0, kl_direction: str = "online_to_target", kl_construction: str = "anchor_swap"):
         super().__init__()
         if objective not in OBJECTIVES: raise ValueError(f"objective must be one of {', '.join(map(repr, OBJECTIVES))}, got {objective!r}")
-        check_loss_args(tau, alpha, beta, kl_direction, n_negatives)
-        self.objective, self.tau, self.alpha, self.n_negatives, self.beta, self.kl_direction = objective, tau, alpha, n_negatives, beta, kl_direction
+        check_loss_args(tau, alpha, beta, kl_direction, n_negatives, kl_construction)
+        self.objective, self.tau, self.alpha, self.n_negatives, self.beta = objective, tau, alpha, n_negatives, beta
+        self.kl_direction, self.kl_construction = kl_direction, kl_construction
 
     @classmethod
     def from_config(cls, cfg) -> "ReLICv2Loss":
-        "Build from a `LossConfig` (objective, tau, alpha, n_negatives, beta, kl_direction)."
-        return cls(cfg.objective, cfg.tau, cfg.alpha, cfg.n_negatives, cfg.beta, cfg.kl_direction)
+        "Build from a `LossConfig` (objective, tau, alpha, n_negatives, beta, kl_direction, kl_construction)."
+        return cls(cfg.objective, cfg.tau, cfg.alpha, cfg.n_negatives, cfg.beta, cfg.kl_direction, cfg.kl_construction)
 
     def forward(self, online_large: Sequence[Tensor], online_small: Sequence[Tensor], target_large: Sequence[Tensor], *,
                 anchors: Optional[Tensor] = None, generator: Optional[torch.Generator] = None) -> tuple[Tensor, dict[str, Tensor]]:
         return view_loss(self.objective, online_large, online_small, target_large, tau=self.tau, alpha=self.alpha,
                          n_negatives=self.n_negatives, beta=self.beta, kl_direction=self.kl_direction,
-                         anchors=anchors, generator=generator)
+                         kl_construction=self.kl_construction, anchors=anchors, generator=generator)
 
     def extra_repr(self) -> str:
         return (f"objective={self.objective!r}, tau={self.tau}, alpha={self.alpha}, n_negatives={self.n_negatives}, "
-                f"beta={self.beta}, kl_direction={self.kl_direction!r}")
+                f"beta={self.beta}, kl_direction={self.kl_direction!r}, kl_construction={self.kl_construction!r}")

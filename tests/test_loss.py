@@ -11,7 +11,7 @@ from torch import nn
 from relicv2.config import LossConfig
 from relicv2.loss import (
     KL_DIRECTIONS, ReLICv2Loss, byol_pair_loss, contrast_indices, contrast_log_probs, kl_invariance, mean_over_pairs,
-    pair_loss, prepare, relicv2_loss, view_loss, view_pairs,
+    pair_loss, prepare, relic_v1_loss, relicv2_loss, view_loss, view_pairs,
 )
 
 
@@ -292,6 +292,55 @@ def test_module_matches_functional_and_config():
     assert i.item() == r.item()
 
 
+# ---------------------------------------------------------------- ReLIC's own KL construction
+def _views(seed, n=8, d=5, n_large=2, n_small=1):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda: torch.randn(n, d, generator=g)
+    return [mk() for _ in range(n_large)], [mk() for _ in range(n_small)], [mk() for _ in range(n_large)]
+
+
+def test_relic_v1_matches_a_plain_python_reference():
+    ol, os_, tl = _views(0)
+    tau, alpha = 0.3, 0.7
+    loss, terms = relic_v1_loss(ol, os_, tl, tau=tau, alpha=alpha, n_negatives=None)
+    rows = lambda o, t: [_log_softmax([_dot(_unit(a), _unit(b)) / tau for b in t.tolist()]) for a in o.tolist()]
+    online = ol + os_
+    pairs = [(i, j) for i in range(3) for j in range(2)]
+    lp = {(i, j): rows(online[i], tl[j]) for i, j in pairs}
+    contrastive = sum(-lp[p][a][a] for p in pairs for a in range(8)) / (8 * len(pairs))
+    kl = lambda p, q: sum(math.exp(x) * (x - y) for x, y in zip(p, q))
+    invariance = sum(kl(lp[i, j][a], lp[j, i][a]) for i, j in [(0, 1), (1, 0)] for a in range(8)) / 16
+    assert terms["contrastive"].item() == pytest.approx(contrastive, rel=1e-5)
+    assert terms["invariance"].item() == pytest.approx(invariance, rel=1e-5)
+    assert loss.item() == pytest.approx(contrastive + alpha * invariance, rel=1e-5)
+
+
+def test_relic_v1_orderings_share_their_negatives():
+    # the same crop twice: both orderings give the same distribution, so the KL is zero only if they use the same negatives
+    ol, _, tl = _views(1, n=32)
+    _, terms = relic_v1_loss([ol[0], ol[0]], [], [tl[0], tl[0]], n_negatives=3, generator=torch.Generator().manual_seed(0))
+    assert terms["invariance"].item() < 1e-6
+    _, other = relicv2_loss([ol[0], ol[0]], [], [tl[0], tl[0]], n_negatives=3, generator=torch.Generator().manual_seed(0))
+    assert other["invariance"].item() > 1e-3  # anchor_swap still sees online and target disagree
+
+
+def test_relic_v1_gradients_shards_and_dispatch():
+    ol, os_, tl = _views(2)
+    ol = [x.requires_grad_() for x in ol]; os_ = [x.requires_grad_() for x in os_]; tl = [x.requires_grad_() for x in tl]
+    loss, _ = relic_v1_loss(ol, os_, tl, n_negatives=None)
+    loss.backward()
+    assert all(x.grad is not None and x.grad.abs().sum() > 0 for x in ol + os_) and all(x.grad is None for x in tl)
+    # two ranks, each owning half of the rows, add up to the whole batch
+    full, _ = relic_v1_loss(ol, os_, tl, n_negatives=None)
+    halves = [relic_v1_loss(ol, os_, tl, n_negatives=None, anchors=torch.arange(r * 4, r * 4 + 4))[0] for r in (0, 1)]
+    assert ((halves[0] + halves[1]) / 2).item() == pytest.approx(full.item(), rel=1e-6)
+    # through the dispatcher and the module; infonce ignores the construction's invariance (alpha = 0)
+    crit = ReLICv2Loss.from_config(LossConfig(n_negatives=None, kl_construction="relic_v1"))
+    assert crit(ol, os_, tl)[0].item() == pytest.approx(full.item(), rel=1e-6)
+    i, _ = view_loss("infonce", ol, os_, tl, n_negatives=None, kl_construction="relic_v1")
+    assert i.item() == pytest.approx(relicv2_loss(ol, os_, tl, alpha=0.0, n_negatives=None)[0].item(), rel=1e-6)
+
+
 # ---------------------------------------------------------------- bad input
 X = torch.randn(4, 3)
 BAD = [
@@ -326,6 +375,10 @@ BAD = [
     (lambda: ReLICv2Loss(objective="simclr"), "objective must be one of"),
     (lambda: ReLICv2Loss(kl_direction="both"), "kl_direction"),
     (lambda: ReLICv2Loss.from_config(LossConfig(alpha=-1.0)), "alpha"),
+    (lambda: ReLICv2Loss(kl_construction="relic"), "kl_construction must be one of 'anchor_swap', 'relic_v1'"),
+    (lambda: view_loss("relicv2", [X], [], [X], kl_construction="relic_v1"), r"needs at least 2 large views .*L=1"),
+    (lambda: relic_v1_loss([X, X], [X[:, :2]], [X, X]), "same shape"),
+    (lambda: relic_v1_loss([X, X], [], [X, X], n_negatives=4), r"n_negatives must be None or an int in \[1, 3\]"),
 ]
 
 
