@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import pickle
 import random
 import sys
 import time
@@ -77,7 +78,13 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     "Read a checkpoint written by `save_checkpoint`, or raise `CheckpointError` naming the file."
     path = Path(path)
     if not path.is_file(): raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
-    try: state = torch.load(path, map_location=map_location, weights_only=False)
+    try: state = torch.load(path, map_location=map_location, weights_only=True)  # tensors and plain containers only
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" in str(e):  # the unpickler met a class or function: refused before calling it
+            raise CheckpointError(f"checkpoint {str(path)!r} holds Python objects other than tensors and plain containers; "
+                                  "refused without running any of it (a relicv2 checkpoint never holds them)") from None
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or truncated (UnpicklingError); "
+                              "delete it to resume from the previous one, or start a new out_dir") from None
     except Exception as e:
         raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or truncated ({type(e).__name__}); "
                               "delete it to resume from the previous one, or start a new out_dir") from None

@@ -88,6 +88,31 @@ def test_corrupt_checkpoint_is_refused_by_name(tmp_path):
     assert r.returncode == 1 and "Traceback" not in r.stderr and "corrupt or truncated" in r.stderr, r.stderr
 
 
+class _Payload:
+    "Unpickling this object writes a file: the proof that a checkpoint ran code."
+    def __init__(self, path): self.path = path
+    def __reduce__(self): return (Path.write_text, (self.path, "this ran"))
+
+
+def test_checkpoint_with_code_is_refused_before_it_runs(tmp_path):
+    cfg = tiny(tmp_path / "run")
+    fit(cfg, max_steps=2, progress=False)
+    last = list_checkpoints(tmp_path / "run")[-1]
+    state = torch.load(last, weights_only=True)
+    assert state["step"] == 2  # a real checkpoint reads with the safe unpickler
+    witness = tmp_path / "ran.txt"
+    torch.save({**state, "extra": _Payload(witness)}, last)
+    with pytest.raises(CheckpointError, match="refused without running any of it") as e:
+        load_checkpoint(last)
+    assert last.name in str(e.value) and not witness.exists()
+    for main, args in [("train_main", ["--preset", "tiny", "--set", f"train.out_dir={tmp_path / 'run'}"]),
+                       ("eval_main", [str(tmp_path / "run")])]:
+        r = subprocess.run([sys.executable, "-c", f"import sys; from relicv2.cli import {main}; sys.exit({main}())", *args],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode != 0 and "Traceback" not in r.stderr and "refused without running" in r.stderr, (main, r.stderr)
+        assert not witness.exists()
+
+
 def test_incompatible_checkpoint_is_refused(tmp_path):
     fit(tiny(tmp_path / "run"), max_steps=2, progress=False)
     with pytest.raises(CheckpointError, match="encoder.width"):
