@@ -424,14 +424,19 @@ def _subdirs(folder: Path) -> list[str]:
 def scan_image_folder(root,  # the tree's root
                       split: Optional[str] = None,  # sub-folder of root, or None
                       masks_root=None,  # root of the parallel mask tree, or None
+                      classes: Optional[list] = None,  # the class-to-index mapping to apply (another split's); None: this split's
                      ) -> tuple[list, list]:  # class names, samples (image path, label, mask path or None)
     "Classes and samples of an ImageNet-layout tree `root/split/class/...`, with masks `masks_root/split/class/<stem>.png`."
     root = Path(root)
     if not root.is_dir(): raise FileNotFoundError(f"image folder root {root} does not exist")
     base = root / split if split else root
     if not base.is_dir(): raise FileNotFoundError(f"split folder {base} does not exist; splits (sub-folders) of {root}: {_subdirs(root)}")
-    classes = _subdirs(base)
-    if not classes: raise ValueError(f"image folder {base} holds no class folders (expected {base}/<class>/<image>)")
+    found = _subdirs(base)
+    if not found: raise ValueError(f"image folder {base} holds no class folders (expected {base}/<class>/<image>)")
+    if classes is None: classes = found
+    unknown = [c for c in found if c not in classes]
+    if unknown: raise ValueError(f"class folder(s) {', '.join(unknown)} of {base} are not classes of the training split "
+                                 f"({', '.join(classes)}): their labels would mean nothing to a model trained on it")
     mbase, masks = None, set()
     if masks_root is not None:
         mbase = Path(masks_root) / split if split else Path(masks_root)
@@ -439,6 +444,7 @@ def scan_image_folder(root,  # the tree's root
         masks = {p for p in _walk(mbase) if p.suffix.lower() == ".png"}
     samples, ignored = [], []
     for label, c in enumerate(classes):
+        if c not in found: continue  # a split may lack a class; the labels of the others do not move
         files = _walk(base / c)
         ignored += [base / c / f for f in files if f.suffix.lower() not in IMG_EXTENSIONS]
         files = [f for f in files if f.suffix.lower() in IMG_EXTENSIONS]
@@ -463,7 +469,9 @@ class ImageFolderMasked(Dataset):
                  mask_threshold: Optional[float] = None,  # None: masks must be {0,1} or {0,255}; else foreground = mask > threshold
                 ):
         self.root, self.split, self.skip_corrupt, self.image_size, self.mask_threshold = Path(root), split, skip_corrupt, image_size, mask_threshold
-        self.classes, self.samples = scan_image_folder(root, split, masks_root)
+        train = Path(root) / "train"
+        classes = _subdirs(train) if split not in (None, "train") and train.is_dir() else None  # one mapping per dataset
+        self.classes, self.samples = scan_image_folder(root, split, masks_root, classes)
         self.n_masks = sum(s[2] is not None for s in self.samples)
         self.n_skipped = 0  # corrupt files met (and skipped) by this process
 

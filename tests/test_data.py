@@ -263,6 +263,19 @@ def test_imagefolder_basic_and_classes(tmp_path):
     assert len(flat) == 4
 
 
+def test_imagefolder_labels_come_from_the_training_split(tmp_path):
+    root = tree(tmp_path, classes=("ant", "bee", "cat"))
+    for c in ("bee", "cat"): write(root / "val" / c / "x.png", png_bytes(rand_img()))  # val lacks 'ant', the first class
+    train, val = D.ImageFolderMasked(root, "train"), D.ImageFolderMasked(root, "val")
+    assert val.classes == train.classes == ["ant", "bee", "cat"]
+    assert sorted(y for _, _, y in val) == [1, 2]  # counted within val they would be 0 and 1: every accuracy wrong
+    # through the config route the evaluation takes
+    ds = D.make_dataset(f"imagefolder:{root}", "val")
+    assert [y for _, _, y in ds] == [1, 2]
+    write(root / "val" / "dog" / "y.png", png_bytes(rand_img()))
+    with pytest.raises(ValueError, match="dog .*not classes of the training split"): D.ImageFolderMasked(root, "val")
+
+
 def test_imagefolder_missing_and_empty(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope"): D.ImageFolderMasked(tmp_path / "nope")
     root = tree(tmp_path)
