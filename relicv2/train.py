@@ -145,8 +145,9 @@ class MetricsLog:
         self.path, self.enabled, self.tb = Path(path), enabled, None
         if not enabled: return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"): stale.unlink(missing_ok=True)  # a killed rewrite's
         kept = [l for l in self.read(self.path) if l.get("step", 0) <= resume_step] if resume_step else []
-        with open(self.path, "w") as f: f.writelines(json.dumps(l) + "\n" for l in kept)
+        atomic_write(self.path, "".join(json.dumps(l) + "\n" for l in kept))  # a kill here leaves the old file whole
         if tensorboard:
             try: from torch.utils.tensorboard import SummaryWriter
             except ImportError: raise ValueError("train.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
@@ -162,9 +163,16 @@ class MetricsLog:
 
     @staticmethod
     def read(path) -> list[dict]:
-        "The rows of a metrics file (an empty list when there is none)."
+        "The rows of a metrics file (an empty list when there is none); a last line cut short by a kill is dropped."
         path = Path(path)
-        return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+        lines = [l for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+        rows = []
+        for i, l in enumerate(lines):
+            try: rows.append(json.loads(l))
+            except json.JSONDecodeError:
+                if i == len(lines) - 1: break  # the row being appended when the process died
+                raise ValueError(f"{str(path)!r}, line {i + 1}, is not a JSON row: {l[:80]!r}") from None
+        return rows
 
 def plot_metrics(path: str | Path, out: str | Path | None = None, title: str = ""):
     "Plot loss terms and kNN monitor accuracy of a metrics file; save a PNG to `out` if given."

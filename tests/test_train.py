@@ -195,3 +195,25 @@ def test_torch_compile_runs_the_same_loop(tmp_path):
     rows = [r for r in map(json.loads, (tmp_path / "compiled" / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert rows[-1]["step"] == 2
     assert abs(rows[-1]["loss"] - ref.final_loss) < 0.05 * abs(ref.final_loss)
+
+
+def test_metrics_survive_a_kill_during_the_resume_rewrite(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.jsonl"
+    log = train.MetricsLog(path)
+    for s in range(1, 6): log.write(step=s, loss=float(s))
+    before = path.read_text()
+
+    def killed(src, dst):  # the process dies after writing the temporary file, before the rename
+        raise KeyboardInterrupt
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt): train.MetricsLog(path, resume_step=3)
+    assert path.read_text() == before  # the old history is whole (the old code truncated it first)
+    monkeypatch.undo()
+    Path(tmp_path, ".metrics.jsonl.x1.tmp").write_text("left by a killed writer")
+    train.MetricsLog(path, resume_step=3)
+    assert [r["step"] for r in train.MetricsLog.read(path)] == [1, 2, 3]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+    path.write_text(path.read_text() + '{"step": 4, "lo')  # killed mid-append
+    assert [r["step"] for r in train.MetricsLog.read(path)] == [1, 2, 3]
+    path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(ValueError, match="line 2"): train.MetricsLog.read(path)
