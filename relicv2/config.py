@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,9 +16,10 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
 # %% auto #0
-__all__ = ['Pair', 'RENAMED', 'SHORT_RUN', 'PRESETS', 'DataConfig', 'ViewsConfig', 'EncoderConfig', 'HeadConfig', 'LossConfig',
-           'TargetConfig', 'OptimConfig', 'TrainConfig', 'EvalConfig', 'RunConfig', 'ConfigError', 'coerce', 'update',
-           'to_dict', 'preset', 'atomic_write', 'parse_set', 'load_config', 'save_config']
+__all__ = ['Pair', 'RANGES', 'RENAMED', 'SHORT_RUN', 'PRESETS', 'DataConfig', 'ViewsConfig', 'EncoderConfig', 'HeadConfig',
+           'LossConfig', 'TargetConfig', 'OptimConfig', 'TrainConfig', 'EvalConfig', 'RunConfig', 'ConfigError',
+           'coerce', 'check_range', 'update', 'to_dict', 'preset', 'atomic_write', 'parse_set', 'load_config',
+           'save_config']
 
 # %% ../nbs/00_config.ipynb #cb0670b3
 @dataclass
@@ -212,6 +214,49 @@ def coerce(value: Any,  # a parsed YAML/JSON value, or a string from the command
         raise bad
     raise TypeError(f"coerce: unsupported annotation {tp!r} for {name!r}")
 
+# %% ../nbs/00_config.ipynb #16654ca6
+def _ge(lo): return (lambda v: v >= lo), f">= {lo}"
+def _between(lo, hi, closed_hi=True):
+    return (lambda v: lo <= v <= hi if closed_hi else lo <= v < hi), f"in [{lo}, {hi}{']' if closed_hi else ')'}"
+_PROB = _between(0.0, 1.0)
+_PROB_PAIR = (lambda v: all(0.0 <= x <= 1.0 for x in v)), "a pair of probabilities in [0, 1]"
+_AREA = (lambda v: 0.0 < v[0] <= v[1] <= 1.0), "a pair lo,hi with 0 < lo <= hi <= 1 (shares of the image area)"
+_POS_PAIR = (lambda v: 0.0 < v[0] <= v[1] < math.inf), "a pair lo,hi with 0 < lo <= hi"
+_OPT_GE1 = (lambda v: v is None or v >= 1), "none or an int >= 1"
+
+RANGES = {  # field -> (accepts(value), what it accepts); every float must also be finite
+    "data.image_size": _ge(1), "data.num_workers": _ge(0), "data.synthetic_size": _ge(8), "data.synthetic_train": _ge(1),
+    "data.spurious_correlation": _PROB, "data.train_subset": _OPT_GE1,
+    "views.n_large": _ge(1), "views.n_small": _ge(0), "views.large_size": _ge(1), "views.small_size": _ge(1),
+    "views.large_scale": _AREA, "views.small_scale": _AREA, "views.ratio": _POS_PAIR, "views.flip_prob": _PROB,
+    "views.jitter_prob": _PROB, "views.brightness": _PROB, "views.contrast": _PROB, "views.saturation": _PROB,
+    "views.hue": _between(0.0, 0.5), "views.grayscale_prob": _PROB, "views.blur_prob": _PROB_PAIR,
+    "views.blur_sigma": _POS_PAIR, "views.solarize_prob": _PROB_PAIR, "views.mask_prob": _PROB,
+    "views.min_mask_coverage": _between(0.0, 1.0, closed_hi=False),
+    "encoder.width": ((lambda v: 0 < v <= 64), "in (0, 64]"),
+    "heads.projector_hidden": _ge(1), "heads.projector_out": _ge(1), "heads.predictor_hidden": _ge(1),
+    "loss.tau": _between(0.01, 100.0), "loss.alpha": _between(0.0, 1e3), "loss.n_negatives": _OPT_GE1,
+    "loss.beta": ((lambda v: 0 < v <= 1e3), "in (0, 1000]"),
+    "target.tau_base": _PROB,
+    "optim.base_lr": _between(0.0, 100.0), "optim.weight_decay": _between(0.0, 1.0), "optim.momentum": _between(0.0, 1.0, False),
+    "optim.trust_coefficient": ((lambda v: 0 < v <= 1), "in (0, 1]"), "optim.warmup_fraction": _between(0.0, 1.0, False),
+    "optim.excluded_lr_scale": _between(0.0, 100.0),
+    "train.epochs": _ge(1), "train.batch_size": _ge(1), "train.seed": _ge(0), "train.ckpt_every": _ge(1),
+    "train.keep_last": _ge(1), "train.log_every": _ge(1), "train.monitor_steps": _ge(0),
+    "eval.linear_epochs": _ge(1), "eval.linear_batch_size": _ge(1), "eval.linear_base_lr": _between(0.0, 100.0),
+    "eval.bn_recalibrate": _ge(0), "eval.knn_k": _ge(1), "eval.knn_temperature": _between(1e-3, 100.0),
+}
+
+def check_range(name: str,  # `section.field`
+                value: Any,  # a value already coerced to the field's type
+               ) -> Any:  # the value, unchanged
+    "Raise `ConfigError` if `value` is outside the range `RANGES` gives for `name` (or is a float that is not finite)."
+    floats = [x for x in (value if isinstance(value, tuple) else (value,)) if isinstance(x, float)]
+    if any(not math.isfinite(x) for x in floats): raise ConfigError(f"config field {name} must be finite, got {value!r}")
+    if name in RANGES and not RANGES[name][0](value):
+        raise ConfigError(f"config field {name} must be {RANGES[name][1]}, got {value!r}")
+    return value
+
 # %% ../nbs/00_config.ipynb #b1c27e2b
 RENAMED = {  # old field -> what replaced it, so that an old config file gets a pointer, not just "unknown"
     "optim.warmup_epochs": "optim.warmup_fraction, a share of the run's steps (10 warm-up epochs of 100 is 0.1)",
@@ -243,7 +288,7 @@ def update(cfg: RunConfig,  # the config to start from (not modified)
                 raise ConfigError(f"config field {sec}.{f} was replaced by {RENAMED[f'{sec}.{f}']}")
             if f not in hints:
                 raise ConfigError(f"unknown config field {sec}.{f}{_near(f, hints)}; fields of {sec!r}: {', '.join(hints)}")
-            new[sec][f] = coerce(v, hints[f], f"{sec}.{f}")
+            new[sec][f] = check_range(f"{sec}.{f}", coerce(v, hints[f], f"{sec}.{f}"))
     return RunConfig(**{k: type(sections[k])(**v) for k, v in new.items()})
 
 def to_dict(cfg: RunConfig) -> dict:

@@ -18,6 +18,18 @@ def run(*args, cwd=None):
     (["--set", "loss.objective=simclr"], "one of 'relicv2', 'infonce', 'byol'"),
     (["--set", "alpha=0.5"], "section.field=value"),
     (["--config", "missing.yaml"], "does not exist"),
+    # values of the right type that cannot work: refused with the field and its range, before any work
+    (["--set", "train.batch_size=0"], "train.batch_size must be >= 1, got 0"),
+    (["--set", "train.ckpt_every=0"], "train.ckpt_every must be >= 1"),
+    (["--set", "train.log_every=0"], "train.log_every must be >= 1"),
+    (["--set", "train.keep_last=-1"], "train.keep_last must be >= 1, got -1"),
+    (["--set", "data.image_size=0"], "data.image_size must be >= 1"),
+    (["--set", "optim.base_lr=1e300"], "optim.base_lr must be in [0.0, 100.0]"),
+    (["--set", "loss.tau=1e-8"], "loss.tau must be in [0.01, 100.0]"),
+    (["--set", "heads.projector_out=0"], "heads.projector_out must be >= 1"),
+    (["--set", "data.synthetic_train=-3"], "data.synthetic_train must be >= 1"),
+    (["--set", "views.large_scale=0.5,0.2"], "views.large_scale must be a pair lo,hi with 0 < lo <= hi <= 1"),
+    (["--set", "optim.momentum=nan"], "optim.momentum must be finite"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, needle):
     r = run(*args)
