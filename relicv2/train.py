@@ -36,7 +36,8 @@ from .views import ViewGenerator
 # %% auto #0
 __all__ = ['CKPT_FORMAT', 'ResumableSampler', 'list_checkpoints', 'save_checkpoint', 'CheckpointError', 'load_checkpoint',
            'check_resumable', 'seed_everything', 'make_generators', 'rng_state', 'set_rng_state', 'MetricsLog',
-           'plot_metrics', 'SupervisedNetwork', 'tune_malloc', 'TrainingDiverged', 'RunResult', 'fit', 'monitor']
+           'plot_metrics', 'SupervisedNetwork', 'tune_malloc', 'TrainingDiverged', 'non_finite', 'RunResult', 'fit',
+           'monitor']
 
 # %% ../nbs/09_train.ipynb #e7a01281
 class ResumableSampler(DistributedSampler):
@@ -217,7 +218,15 @@ def tune_malloc(mmap_threshold: int = 32 << 20,  # blocks at least this big get 
 
 # %% ../nbs/09_train.ipynb #be5d9234
 class TrainingDiverged(RuntimeError):
-    "The loss became NaN or infinite; the message names the step and the last good checkpoint."
+    "The loss, a weight or a BN statistic became NaN or infinite; the message names the step and the last good checkpoint."
+
+def non_finite(**modules: Optional[nn.Module]) -> Optional[str]:
+    "The name of the first parameter or buffer of `modules` that holds a NaN or an infinity, or None when all are finite."
+    for prefix, m in modules.items():
+        if m is None: continue
+        for name, t in [*m.named_parameters(), *m.named_buffers()]:
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()): return f"{prefix}.{name}"
+    return None
 
 @dataclass
 class RunResult:
@@ -317,7 +326,16 @@ def fit(cfg: RunConfig,  # the whole run, e.g. `preset("demo")`
             if tc.monitor_steps: log.write(step=0, epoch=0, **monitor(online.encoder, cfg, dev))  # the curve starts at init
 
     def checkpoint(step: int) -> Path:
-        "Every process hands in its random state; process 0 writes."
+        "Every process hands in its random state; process 0 writes, unless some process holds a non-finite value."
+        # a finite loss does not make a resumable state: BN running statistics can overflow while batch statistics
+        # keep the loss finite (and, without SyncBN, differently on each process): every process checks, all agree
+        bad = non_finite(online=online, target=target)
+        flag = torch.tensor(0.0 if bad is None else 1.0, device=dev)
+        if env.distributed: dist.all_reduce(flag)
+        if flag.item():
+            raise TrainingDiverged(f"{bad or 'a weight or BN statistic of another process'} became NaN or infinite by step {step} "
+                                   f"(the loss was still finite); the last good checkpoint is "
+                                   f"{str(ckpt_path) if ckpt_path else 'none (no checkpoint was written yet)'}")
         rngs = [rng_state(gens)]
         if env.distributed:
             rngs = [None] * W; dist.all_gather_object(rngs, rng_state(gens))

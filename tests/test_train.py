@@ -217,3 +217,25 @@ def test_metrics_survive_a_kill_during_the_resume_rewrite(tmp_path, monkeypatch)
     assert [r["step"] for r in train.MetricsLog.read(path)] == [1, 2, 3]
     path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
     with pytest.raises(ValueError, match="line 2"): train.MetricsLog.read(path)
+
+
+def test_overflowing_bn_statistics_stop_before_a_checkpoint_holds_them(tmp_path, monkeypatch):
+    # the loss stays finite in training mode (batch statistics), so only a check of the state itself sees this
+    real, calls = train.update_target, []
+
+    def update_target(dst, src, tau):
+        calls.append(1)
+        if len(calls) == 5:  # during step 3 (two calls a step: encoder, projector)
+            with torch.no_grad(): next(b for n, b in src.named_buffers() if n.endswith("running_var")).fill_(float("inf"))
+        return real(dst, src, tau)
+    monkeypatch.setattr(train, "update_target", update_target)
+    cfg = tiny(tmp_path / "run", **{"train.ckpt_every": 2, "train.epochs": 3})
+    with pytest.raises(TrainingDiverged, match=r"online\.encoder\..*running_var became NaN or infinite by step 4") as e:
+        fit(cfg, progress=False)
+    good = list_checkpoints(tmp_path / "run")[-1]
+    assert good.name == "step_0000002.pt" and str(good) in str(e.value)
+    state = load_checkpoint(good)
+    assert all(torch.isfinite(v).all() for v in state["online"].values() if v.is_floating_point())
+    monkeypatch.undo()
+    res = fit(cfg, max_steps=4, progress=False)  # the named checkpoint really resumes
+    assert res.steps == 4 and train.non_finite(online=res.online) is None
