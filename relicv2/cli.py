@@ -50,8 +50,12 @@ def run_cli(prog: str,  # the command's name, printed before an error
     except (ConfigError, ValueError) as e:  # bad input: configuration, arguments, data
         print(f"{prog}: error: {_where()}{e}", file=sys.stderr)
         return 2
-    except RuntimeError as e:  # a run that cannot go on (corrupt checkpoint, diverged loss); not a bug
-        if type(e).__name__ not in ("CheckpointError", "TrainingDiverged"): raise
+    except RuntimeError as e:  # a run that cannot go on (corrupt checkpoint, diverged loss), or one stopped by a signal
+        from relicv2.train import CheckpointError, RunInterrupted, TrainingDiverged  # torch is loaded by now anyway
+        if isinstance(e, RunInterrupted):
+            print(f"{prog}: {_where()}{e}", file=sys.stderr)
+            return 128 + e.signum  # 143 for SIGTERM, 130 for SIGINT: what shells and schedulers expect
+        if not isinstance(e, (CheckpointError, TrainingDiverged)): raise
         print(f"{prog}: error: {_where()}{e}", file=sys.stderr)
         return 1
 

@@ -9,7 +9,9 @@ import ctypes
 import json
 import pickle
 import random
+import signal
 import sys
+import threading
 import time
 import warnings
 from contextlib import nullcontext
@@ -36,8 +38,8 @@ from .views import ViewGenerator
 # %% auto #0
 __all__ = ['CKPT_FORMAT', 'ResumableSampler', 'list_checkpoints', 'save_checkpoint', 'CheckpointError', 'load_checkpoint',
            'check_resumable', 'seed_everything', 'make_generators', 'rng_state', 'set_rng_state', 'MetricsLog',
-           'plot_metrics', 'SupervisedNetwork', 'tune_malloc', 'TrainingDiverged', 'non_finite', 'RunResult', 'fit',
-           'monitor']
+           'plot_metrics', 'SupervisedNetwork', 'tune_malloc', 'TrainingDiverged', 'non_finite', 'RunResult',
+           'RunInterrupted', 'StopSignals', 'fit', 'monitor']
 
 # %% ../nbs/09_train.ipynb #e7a01281
 class ResumableSampler(DistributedSampler):
@@ -248,6 +250,35 @@ def _stack_gather(xs: list[torch.Tensor], with_grad: bool) -> list[torch.Tensor]
     stacked = torch.stack(xs, 1)  # (b, V, D)
     return list((gather_with_grad(stacked) if with_grad else gather(stacked)).unbind(1))
 
+# %% ../nbs/09_train.ipynb #92853091
+class RunInterrupted(RuntimeError):
+    "A signal stopped the run after a checkpoint; `signum`, `step` and `checkpoint` say which, where and what to resume from."
+    def __init__(self, signum: int, step: int, checkpoint: Optional[Path]):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint {checkpoint}; "
+                         "run the same command again to resume from it")
+
+class StopSignals:
+    "While active: the first SIGTERM or SIGINT is recorded in `received` (stop after this step); a second acts at once."
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self): self.received, self._old = None, {}
+
+    def _handle(self, signum, frame):
+        if self.received is None: self.received = signum; return
+        self.restore(); signal.raise_signal(signum)  # the second one: as if we had never been here
+
+    def restore(self):
+        for s, h in self._old.items(): signal.signal(s, h if h is not None else signal.SIG_DFL)
+        self._old = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc): self.restore()
+
 # %% ../nbs/09_train.ipynb #76b73eef
 def fit(cfg: RunConfig,  # the whole run, e.g. `preset("demo")`
         resume: bool | str | Path = True,  # True: continue from the newest checkpoint in out_dir; a path: from that file
@@ -357,59 +388,66 @@ def fit(cfg: RunConfig,  # the whole run, e.g. `preset("demo")`
     L = cfg.views.n_large
     loss_value, t_last, wait = float("nan"), time.perf_counter(), 0.0
     epoch = step // steps_per_epoch
-    while step < end:
-        sampler.set_epoch(epoch); sampler.start = (step - epoch * steps_per_epoch) * b
-        t_wait = time.perf_counter()
-        for batch in loader:
-            if step >= end: break
-            batch = batch.to(dev, non_blocking=True)
-            wait += time.perf_counter() - t_wait
-            set_lr(optimizer, lrs[step])
-            # views are made here, on the training device, from uint8 images: per-image draws, batched ops
-            v = views(batch.images, batch.masks, batch.has_mask, generator=gens["views"])
-            with _autocast(dev, tc.precision):
-                out = forward(v.large + v.small)  # one pass per view size
-                if target is not None:
-                    with torch.no_grad(): t_out = target(v.large)
-            if supervised:  # the baseline: every view is a labelled example
-                loss = F.cross_entropy(torch.cat(out).float(), batch.labels.repeat(len(out)))
-                terms = {"cross_entropy": loss.detach()}
-            else:
-                # negatives come from the global batch: gather every process's rows (online ones with gradient)
-                o = _stack_gather(out, with_grad=True)
-                t = _stack_gather(t_out, with_grad=False)
-                anchors = torch.arange(env.rank * b, (env.rank + 1) * b, device=dev) if env.distributed else None
-                loss, terms = criterion(o[:L], o[L:], t, anchors=anchors, generator=gens["loss"])
-            # stop on divergence before the optimiser touches the weights; every process agrees
-            check = loss.detach().float().clone()
-            if env.distributed: dist.all_reduce(check); check /= W
-            if not torch.isfinite(check):
-                raise TrainingDiverged(f"loss became {check.item()} at step {step}; the last good checkpoint is "
-                                       f"{str(ckpt_path) if ckpt_path else 'none (no checkpoint was written yet)'}")
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is None:
-                loss.backward(); optimizer.step()
-            else:
-                scaler.scale(loss).backward(); scaler.step(optimizer); scaler.update()
-            if target is not None:  # the target follows the online encoder and projector (never the predictor)
-                update_target(target.encoder, online.encoder, taus[step])
-                update_target(target.projector, online.projector, taus[step])
-            step += 1; bar.update(1)
-            loss_value = check.item()
-            if step % tc.log_every == 0 or step == end:
-                now = time.perf_counter(); dt = now - t_last; t_last = now
-                n = tc.log_every if step % tc.log_every == 0 else (step % tc.log_every)
-                log.write(step=step, epoch=epoch, loss=loss_value, **{k: float(x) for k, x in terms.items()},
-                          lr=float(lrs[step - 1]), ema=float(taus[step - 1]), images_per_s=n * tc.batch_size / dt,
-                          data_wait=min(wait / dt, 1.0))
-                wait = 0.0; bar.set_postfix(loss=f"{loss_value:.3f}")
-            if step % tc.ckpt_every == 0 and step < end: ckpt_path = checkpoint(step) or ckpt_path
-            if tc.monitor_steps and env.is_main and (step % tc.monitor_steps == 0 or step == end):
-                log.write(step=step, epoch=epoch, **monitor(online.encoder, cfg, dev))  # the learning curve
-                online.train()
+    with StopSignals() as stop:  # SIGTERM / Ctrl-C: finish the step, write a checkpoint, stop (see above)
+        while step < end:
+            sampler.set_epoch(epoch); sampler.start = (step - epoch * steps_per_epoch) * b
             t_wait = time.perf_counter()
-        else:
-            epoch += 1
+            for batch in loader:
+                if step >= end: break
+                batch = batch.to(dev, non_blocking=True)
+                wait += time.perf_counter() - t_wait
+                set_lr(optimizer, lrs[step])
+                # views are made here, on the training device, from uint8 images: per-image draws, batched ops
+                v = views(batch.images, batch.masks, batch.has_mask, generator=gens["views"])
+                with _autocast(dev, tc.precision):
+                    out = forward(v.large + v.small)  # one pass per view size
+                    if target is not None:
+                        with torch.no_grad(): t_out = target(v.large)
+                if supervised:  # the baseline: every view is a labelled example
+                    loss = F.cross_entropy(torch.cat(out).float(), batch.labels.repeat(len(out)))
+                    terms = {"cross_entropy": loss.detach()}
+                else:
+                    # negatives come from the global batch: gather every process's rows (online ones with gradient)
+                    o = _stack_gather(out, with_grad=True)
+                    t = _stack_gather(t_out, with_grad=False)
+                    anchors = torch.arange(env.rank * b, (env.rank + 1) * b, device=dev) if env.distributed else None
+                    loss, terms = criterion(o[:L], o[L:], t, anchors=anchors, generator=gens["loss"])
+                # stop on divergence before the optimiser touches the weights; every process agrees
+                check = loss.detach().float().clone()
+                if env.distributed: dist.all_reduce(check); check /= W
+                if not torch.isfinite(check):
+                    raise TrainingDiverged(f"loss became {check.item()} at step {step}; the last good checkpoint is "
+                                           f"{str(ckpt_path) if ckpt_path else 'none (no checkpoint was written yet)'}")
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is None:
+                    loss.backward(); optimizer.step()
+                else:
+                    scaler.scale(loss).backward(); scaler.step(optimizer); scaler.update()
+                if target is not None:  # the target follows the online encoder and projector (never the predictor)
+                    update_target(target.encoder, online.encoder, taus[step])
+                    update_target(target.projector, online.projector, taus[step])
+                step += 1; bar.update(1)
+                loss_value = check.item()
+                if step % tc.log_every == 0 or step == end:
+                    now = time.perf_counter(); dt = now - t_last; t_last = now
+                    n = tc.log_every if step % tc.log_every == 0 else (step % tc.log_every)
+                    log.write(step=step, epoch=epoch, loss=loss_value, **{k: float(x) for k, x in terms.items()},
+                              lr=float(lrs[step - 1]), ema=float(taus[step - 1]), images_per_s=n * tc.batch_size / dt,
+                              data_wait=min(wait / dt, 1.0))
+                    wait = 0.0; bar.set_postfix(loss=f"{loss_value:.3f}")
+                if step % tc.ckpt_every == 0 and step < end: ckpt_path = checkpoint(step) or ckpt_path
+                signum = torch.tensor(float(stop.received or 0), device=dev)
+                if env.distributed: dist.all_reduce(signum, op=dist.ReduceOp.MAX)  # one process's signal stops them all
+                if signum.item() and step < end:
+                    if step % tc.ckpt_every: ckpt_path = checkpoint(step) or ckpt_path
+                    bar.close()
+                    raise RunInterrupted(int(signum.item()), step, ckpt_path)
+                if tc.monitor_steps and env.is_main and (step % tc.monitor_steps == 0 or step == end):
+                    log.write(step=step, epoch=epoch, **monitor(online.encoder, cfg, dev))  # the learning curve
+                    online.train()
+                t_wait = time.perf_counter()
+            else:
+                epoch += 1
     bar.close()
     # ---------------- the end of the run ----------------
     if step > 0: ckpt_path = checkpoint(step) or ckpt_path

@@ -239,3 +239,37 @@ def test_overflowing_bn_statistics_stop_before_a_checkpoint_holds_them(tmp_path,
     monkeypatch.undo()
     res = fit(cfg, max_steps=4, progress=False)  # the named checkpoint really resumes
     assert res.steps == 4 and train.non_finite(online=res.online) is None
+
+
+def _train_cmd(out_dir, *extra):
+    return [sys.executable, "-c", "import sys; from relicv2.cli import train_main; sys.exit(train_main())", "--preset", "tiny",
+            "--no-eval", "--set", f"train.out_dir={out_dir}", "--set", "train.epochs=6", "--set", "train.ckpt_every=1000",
+            "--set", "train.log_every=1", *extra]
+
+
+@pytest.mark.parametrize("signame, code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_is_exact(tmp_path, signame, code):
+    import signal, time
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen(_train_cmd(tmp_path / "stopped"), stderr=subprocess.PIPE, text=True, env=env)
+    metrics = tmp_path / "stopped" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and p.poll() is None:  # wait for two logged steps, then signal
+        if metrics.exists() and sum('"loss"' in l for l in metrics.read_text().splitlines()) >= 2: break
+        time.sleep(0.05)
+    assert p.poll() is None, p.stderr.read()
+    p.send_signal(getattr(signal, signame))
+    err = p.communicate(timeout=240)[1]
+    assert p.returncode == code, (p.returncode, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and f"stopped by {signame} after step" in lines[0] and "Traceback" not in err, err
+    step = int(lines[0].split("after step ")[1].split(";")[0])
+    ckpts = list_checkpoints(tmp_path / "stopped")
+    assert ckpts and ckpts[-1].name == f"step_{step:07d}.pt" and str(ckpts[-1]) in lines[0]
+    # resumed to the end, it ends where an uninterrupted run ends, bit for bit
+    for d in ("stopped", "whole"):
+        r = subprocess.run(_train_cmd(tmp_path / d), capture_output=True, text=True, env=env, timeout=600)
+        assert r.returncode == 0, r.stderr
+    a, b = (load_checkpoint(list_checkpoints(tmp_path / d)[-1]) for d in ("stopped", "whole"))
+    assert a["step"] == b["step"] > step
+    assert all(torch.equal(a["online"][k], b["online"][k]) for k in b["online"])
