@@ -15,8 +15,8 @@ from pathlib import Path
 from .config import ConfigError, RunConfig, load_config, to_dict, PRESETS
 
 # %% auto #0
-__all__ = ['config_parser', 'run_cli', 'export_encoder', 'evaluate_run', 'train_main', 'load_run_encoder', 'eval_main',
-           'ablate_main']
+__all__ = ['config_parser', 'report', 'run_cli', 'export_encoder', 'evaluate_run', 'train_main', 'load_run_encoder', 'eval_main',
+           'load_weights', 'ablate_main']
 
 # %% ../nbs/90_cli.ipynb #3e419218
 def config_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -33,12 +33,28 @@ def _where() -> str:
     "'rank R: ' under torchrun with several processes, else ''."
     return f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
 
+def report(prog: str,  # the command's name
+           e: BaseException,  # what stopped the command
+          ) -> int | None:  # the exit code, after one line on stderr; None: a bug, to be raised with its traceback
+    "One line and an exit code for what a user can act on: 2 bad input, 1 a run that cannot go on, 128 + N signal N."
+    if isinstance(e, (ConfigError, ValueError, FileNotFoundError, NotADirectoryError)):  # configuration, arguments, data, paths
+        print(f"{prog}: error: {_where()}{e}", file=sys.stderr); return 2
+    if isinstance(e, OSError):  # the system refused a read or a write: a full disk, permissions
+        print(f"{prog}: error: {_where()}{e.filename or 'a file'}: {e.strerror or e}", file=sys.stderr); return 1
+    if "relicv2.train" in sys.modules:  # the run's own exceptions (only a run that got that far can raise them)
+        from relicv2.train import CheckpointError, RunInterrupted, TrainingDiverged
+        if isinstance(e, RunInterrupted):  # stopped by SIGTERM / Ctrl-C after a checkpoint: not an error
+            print(f"{prog}: {_where()}{e}", file=sys.stderr); return 128 + e.signum  # 143, 130: what shells expect
+        if isinstance(e, (CheckpointError, TrainingDiverged)):  # a corrupt checkpoint, a diverged run
+            print(f"{prog}: error: {_where()}{e}", file=sys.stderr); return 1
+    return None
+
 def run_cli(prog: str,  # the command's name, printed before an error
             main: Callable[[argparse.Namespace, RunConfig], int | None],  # the command's body
             parser: argparse.ArgumentParser,  # from `config_parser`, plus the command's own options
             argv: list[str] | None = None,  # arguments; default sys.argv[1:]
            ) -> int:
-    "Parse arguments, resolve the config and run `main`; bad input becomes one line on stderr and exit code 2."
+    "Parse arguments, resolve the config and run `main`; what a user can act on becomes one line (see `report`)."
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.preset, args.config, args.overrides)
@@ -47,17 +63,10 @@ def run_cli(prog: str,  # the command's name, printed before an error
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
             return 0
         return main(args, cfg) or 0
-    except (ConfigError, ValueError) as e:  # bad input: configuration, arguments, data
-        print(f"{prog}: error: {_where()}{e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:  # a run that cannot go on (corrupt checkpoint, diverged loss), or one stopped by a signal
-        from relicv2.train import CheckpointError, RunInterrupted, TrainingDiverged  # torch is loaded by now anyway
-        if isinstance(e, RunInterrupted):
-            print(f"{prog}: {_where()}{e}", file=sys.stderr)
-            return 128 + e.signum  # 143 for SIGTERM, 130 for SIGINT: what shells and schedulers expect
-        if not isinstance(e, (CheckpointError, TrainingDiverged)): raise
-        print(f"{prog}: error: {_where()}{e}", file=sys.stderr)
-        return 1
+    except Exception as e:
+        code = report(prog, e)
+        if code is None: raise
+        return code
 
 # %% ../nbs/90_cli.ipynb #0f8b7a3a
 def export_encoder(online, run_dir) -> Path:
@@ -138,10 +147,7 @@ def _eval(args: argparse.Namespace, cfg: RunConfig) -> int:
         enc, cfg = load_run_encoder(args.run_dir, args.overrides)
         name = Path(args.run_dir).name
     else:
-        if not Path(args.weights).is_file(): raise ConfigError(f"--weights {args.weights!r} does not exist")
-        enc = resnet(cfg.encoder.arch, cfg.encoder.width, cfg.encoder.small_stem)
-        enc.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
-        name = Path(args.weights).stem
+        enc, name = load_weights(args.weights, cfg), Path(args.weights).stem
     dev = resolve_device(cfg.train.device)
     splits = tuple(args.splits.split(",")) if args.splits else None
     rows = {} if args.no_baselines else {  # the floor: the same evaluation of raw pixels and of the run's random init
@@ -160,6 +166,38 @@ def eval_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-baselines", action="store_true", help="skip the raw-pixel and random-init rows")
     return run_cli("relicv2-eval", _eval, parser, argv)
 
+# %% ../nbs/90_cli.ipynb #86424e8a
+def load_weights(path: str | Path,  # encoder.pt, encoder_torchvision.pt or any torchvision-format ResNet state dict
+                 cfg: RunConfig,  # its encoder section gives the shape of a plain state dict
+                ):
+    "The encoder in a weights file, or `ConfigError` naming the file and what does not fit."
+    import pickle, torch
+    from relicv2.encoder import resnet
+    path = Path(path)
+    if not path.is_file(): raise ConfigError(f"--weights {str(path)!r} does not exist")
+    try: obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        raise ConfigError(f"--weights {str(path)!r} cannot be read as a weights file ({type(e).__name__}); "
+                          "give encoder.pt or encoder_torchvision.pt from a run directory") from None
+    e = cfg.encoder
+    if isinstance(obj, dict) and {"arch", "width", "small_stem", "state_dict"} <= set(obj):  # encoder.pt
+        shape, weights = (obj["arch"], obj["width"], obj["small_stem"]), obj["state_dict"]
+    elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        shape, weights = (e.arch, e.width, e.small_stem), {k: v for k, v in obj.items() if not k.startswith("fc.")}
+    else: raise ConfigError(f"--weights {str(path)!r} holds neither an encoder.pt (arch, width, state_dict) nor a state dict of tensors")
+    enc = resnet(*shape, channels_last=e.channels_last)
+    want = enc.state_dict()
+    missing, extra = [k for k in want if k not in weights], [k for k in weights if k not in want]
+    shapes = [k for k in want if k in weights and weights[k].shape != want[k].shape]
+    if missing or extra or shapes:
+        first = (f"{shapes[0]} is {tuple(weights[shapes[0]].shape)}, expected {tuple(want[shapes[0]].shape)}" if shapes
+                 else f"missing {missing[0]}" if missing else f"unexpected {extra[0]}")
+        raise ConfigError(f"--weights {str(path)!r} does not fit a {shape[0]} of width {shape[1]} (small_stem={shape[2]}): "
+                          f"{len(shapes)} shapes differ, {len(missing)} missing, {len(extra)} unexpected ({first}); "
+                          "set encoder.arch, encoder.width and encoder.small_stem to the encoder that was trained")
+    enc.load_state_dict(weights)
+    return enc
+
 # %% ../nbs/90_cli.ipynb #720761fd
 def ablate_main(argv: list[str] | None = None) -> int:
     "Entry point of `relicv2-ablate`."
@@ -177,8 +215,10 @@ def ablate_main(argv: list[str] | None = None) -> int:
             return 0
         path = run_ablation(spec, progress=sys.stderr.isatty(), only=args.only.split(",") if args.only else None,
                             train=not args.collect)
-    except (ConfigError, ValueError) as e:
-        print(f"relicv2-ablate: error: {e}", file=sys.stderr); return 2
+    except Exception as e:
+        code = report("relicv2-ablate", e)
+        if code is None: raise
+        return code
     rows = read_results(path)
     for metric in ("linear_top1", "knn_top1"):
         print(format_summary(rows, metric)); print()

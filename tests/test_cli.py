@@ -50,3 +50,37 @@ def test_bad_config_file_names_the_field(tmp_path):
     (tmp_path / "run.json").write_text('{"loss": {"alpha": "lots"}}')
     r = run("--config", str(tmp_path / "run.json"))
     assert r.returncode == 2 and "'loss.alpha' expects a float" in r.stderr, r.stderr
+
+
+def command(name, *args):
+    return subprocess.run([sys.executable, "-c", f"import sys; from relicv2.cli import {name}; sys.exit({name}())", *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def one_line(r, code, needle):
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == code and len(lines) == 1 and "Traceback" not in r.stderr and needle in lines[0], r.stderr
+
+
+def test_missing_dataset_folders_are_one_line_in_every_command(tmp_path):
+    missing = f"data.dataset=imagefolder:{tmp_path / 'nowhere'}"
+    one_line(command("train_main", "--preset", "tiny", "--set", missing, "--set", f"train.out_dir={tmp_path / 'r'}"), 2, "nowhere")
+    (tmp_path / "spec.yaml").write_text(f"preset: tiny\nout_dir: {tmp_path / 'grid'}\ncommon: {{data.dataset: 'imagefolder:{tmp_path / 'nowhere'}'}}\n"
+                                        "variants: {a: {}}\nbaselines: []\n")
+    one_line(command("ablate_main", str(tmp_path / "spec.yaml")), 2, "nowhere")
+    (tmp_path / "tree" / "train" / "c").mkdir(parents=True)
+    masks = f"data.dataset=imagefolder:{tmp_path / 'tree'},masks={tmp_path / 'no-masks'}"
+    one_line(command("train_main", "--preset", "tiny", "--set", masks, "--set", f"train.out_dir={tmp_path / 'r2'}"), 2, "no-masks")
+
+
+def test_eval_weights_take_either_exported_file_and_misfits_are_one_line(tmp_path):
+    run_dir = tmp_path / "run"
+    r = command("train_main", "--preset", "tiny", "--set", f"train.out_dir={run_dir}", "--no-eval")
+    assert r.returncode == 0, r.stderr
+    for f in ("encoder.pt", "encoder_torchvision.pt"):
+        r = command("eval_main", "--preset", "tiny", "--weights", str(run_dir / f), "--no-baselines", "--set", "eval.linear_epochs=1")
+        assert r.returncode == 0 and "knn_top1" in r.stdout, (f, r.stderr)
+    r = command("eval_main", "--preset", "tiny", "--weights", str(run_dir / "encoder_torchvision.pt"), "--set", "encoder.width=0.25")
+    one_line(r, 2, "does not fit a resnet18 of width 0.25")
+    (tmp_path / "junk.pt").write_bytes(b"not a weights file")
+    one_line(command("eval_main", "--preset", "tiny", "--weights", str(tmp_path / "junk.pt")), 2, "cannot be read as a weights file")
