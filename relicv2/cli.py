@@ -102,7 +102,11 @@ def _train(args: argparse.Namespace, cfg: RunConfig) -> int:
         print(f"relicv2-train: {res.steps} steps, final loss {res.final_loss:.4f}; run directory {res.run_dir} "
               f"(checkpoint {res.checkpoint.name}, metrics.jsonl, loss.png, {enc.name})"
               + (f"; the target keeps {100 * res.target_init_share:.2g}% of its random initial weights" if res.target_init_share is not None else ""))
-        if not args.no_eval:
+        from relicv2.data import dataset_splits
+        if not args.no_eval and not [s for s in dataset_splits(cfg.data.dataset) if s != "train"]:
+            print("relicv2-train: the dataset has no split but train, so there is nothing held out to evaluate on; "
+                  "give a labelled folder beside it to relicv2-eval (--set data.dataset=...)")
+        elif not args.no_eval:
             results = evaluate_run(cfg, res.online, progress=sys.stderr.isatty())
             (res.run_dir / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
             print(format_table(results, metrics=("knn_top1", "linear_top1")))

@@ -569,9 +569,11 @@ def make_dataset(name: str,  # e.g. 'synthetic', 'fashion-mnist:/data/fm', 'imag
 # %% ../nbs/01_data.ipynb #a673867d
 def from_config(data_cfg,  # a `relicv2.config.DataConfig`
                 split: str,  # the split to build
+                masks: bool = True,  # False: leave an imagefolder's mask tree out (evaluation never reads masks)
                 **kw,  # extra constructor arguments (override the config's)
                ) -> Dataset:
     "The dataset a `DataConfig` describes."
+    if not masks and data_cfg.dataset.partition(":")[0] == "imagefolder": kw.setdefault("masks_root", None)
     if data_cfg.dataset.partition(":")[0] == "synthetic":
         kw = {"size": data_cfg.synthetic_size, "spurious_correlation": data_cfg.spurious_correlation,
               **({"n": data_cfg.synthetic_train} if split == "train" else {}), **kw}

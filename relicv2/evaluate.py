@@ -378,8 +378,8 @@ def evaluate_from_config(encoder: nn.Module,  # the frozen encoder
     if not splits or any(s not in available for s in splits):
         raise ValueError(f"splits must be a non-empty subset of {', '.join(s for s in available if s != 'train')}, got {splits!r}")
     e = cfg.eval
-    return evaluate(encoder, dataset_from_config(cfg.data, "train", **dataset_kw),
-                    {s: dataset_from_config(cfg.data, s, **dataset_kw) for s in splits},
+    return evaluate(encoder, dataset_from_config(cfg.data, "train", masks=False, **dataset_kw),  # evaluation reads no masks
+                    {s: dataset_from_config(cfg.data, s, masks=False, **dataset_kw) for s in splits},
                     image_size=cfg.views.large_size, knn_k=e.knn_k, knn_temperature=e.knn_temperature,
                     linear_epochs=e.linear_epochs, linear_batch_size=e.linear_batch_size, linear_base_lr=e.linear_base_lr,
                     linear_solver=e.linear_solver, bn_recalibrate=e.bn_recalibrate, seed=cfg.train.seed, device=device, progress=progress)

@@ -300,7 +300,9 @@ def fit(cfg: RunConfig,  # the whole run, e.g. `preset("demo")`
     # ---------------- data ----------------
     dataset = rdata.from_config(cfg.data, "train")
     n_classes = len(getattr(dataset, "classes", None) or [])
-    if cfg.data.train_subset is not None: dataset = torch.utils.data.Subset(dataset, range(min(cfg.data.train_subset, len(dataset))))
+    if cfg.data.train_subset is not None:  # drawn by seed, not the first N (which, in class order, can be one class)
+        keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(tc.seed))[:cfg.data.train_subset]
+        dataset = torch.utils.data.Subset(dataset, sorted(keep.tolist()))
     steps_per_epoch = len(dataset) // tc.batch_size
     if steps_per_epoch == 0: raise ValueError(f"the training set has {len(dataset)} images, fewer than train.batch_size={tc.batch_size}")
     total = tc.epochs * steps_per_epoch
@@ -457,11 +459,21 @@ def fit(cfg: RunConfig,  # the whole run, e.g. `preset("demo")`
 
 # %% ../nbs/09_train.ipynb #526db87f
 def monitor(encoder: torch.nn.Module, cfg: RunConfig, device, n_train: int = 2000, n_test: int = 1000) -> dict:
-    "kNN top-1 (%) of `encoder` on a held-out split, fitted on a subset of the training set."
+    "kNN top-1 (%) of `encoder` on a held-out split (or, without one, a held-out slice of train), fitted on training images."
     from relicv2.evaluate import extract_features, knn_classify
-    held_out = [s for s in rdata.dataset_splits(cfg.data.dataset) if s != "train"][0]
-    sub = lambda ds, n: torch.utils.data.Subset(ds, range(min(n, len(ds))))
-    train_set, test_set = sub(rdata.from_config(cfg.data, "train"), n_train), sub(rdata.from_config(cfg.data, held_out), n_test)
+    splits = [s for s in rdata.dataset_splits(cfg.data.dataset) if s != "train"]
+    train_all = rdata.from_config(cfg.data, "train", masks=False)  # the monitor never reads masks
+    if splits:
+        held_out = splits[0]
+        train_set = torch.utils.data.Subset(train_all, range(min(n_train, len(train_all))))
+        test_set = rdata.from_config(cfg.data, held_out, masks=False)
+        test_set = torch.utils.data.Subset(test_set, range(min(n_test, len(test_set))))
+    else:  # a train-only dataset: score on training images the kNN does not see, the same ones at every step
+        held_out = "train (held-out slice)"
+        order = torch.randperm(len(train_all), generator=torch.Generator().manual_seed(cfg.train.seed)).tolist()
+        n_fit = min(n_train, len(order) // 2)
+        train_set = torch.utils.data.Subset(train_all, order[:n_fit])
+        test_set = torch.utils.data.Subset(train_all, order[n_fit:n_fit + n_test])
     ftr, ytr = extract_features(encoder, train_set, image_size=cfg.views.large_size, device=device)
     fte, yte = extract_features(encoder, test_set, image_size=cfg.views.large_size, device=device)
     return {"knn_top1": knn_classify(ftr, ytr, fte, yte, k=min(cfg.eval.knn_k, len(ytr)), temperature=cfg.eval.knn_temperature)["top1"],

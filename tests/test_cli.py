@@ -84,3 +84,23 @@ def test_eval_weights_take_either_exported_file_and_misfits_are_one_line(tmp_pat
     one_line(r, 2, "does not fit a resnet18 of width 0.25")
     (tmp_path / "junk.pt").write_bytes(b"not a weights file")
     one_line(command("eval_main", "--preset", "tiny", "--weights", str(tmp_path / "junk.pt")), 2, "cannot be read as a weights file")
+
+
+def test_a_train_only_folder_with_masks_trains_monitors_and_says_why_it_does_not_evaluate(tmp_path):
+    import torch
+    from torchvision.io import encode_png
+    g = torch.Generator().manual_seed(0)
+    for c in ("a", "b"):
+        for i in range(40):
+            p = tmp_path / "tree" / "train" / c / f"{i}.png"; p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(encode_png(torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8, generator=g)).numpy().tobytes())
+            m = tmp_path / "masks" / "train" / c / f"{i}.png"; m.parent.mkdir(parents=True, exist_ok=True)
+            m.write_bytes(encode_png(torch.full((1, 16, 16), 255, dtype=torch.uint8)).numpy().tobytes())
+    ds = f"data.dataset=imagefolder:{tmp_path / 'tree'},masks={tmp_path / 'masks'}"
+    r = command("train_main", "--preset", "tiny", "--set", ds, "--set", f"train.out_dir={tmp_path / 'run'}",
+                "--set", "train.monitor_steps=2", "--set", "train.epochs=2", "--set", "data.train_subset=48")
+    assert r.returncode == 0, r.stderr
+    assert "nothing held out to evaluate on" in r.stdout
+    rows = [l for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "knn_top1" in l]
+    assert rows and all('"train (held-out slice)"' in l for l in rows)
+

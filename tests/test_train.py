@@ -170,9 +170,24 @@ def test_tensorboard_logging(tmp_path):
     assert events and events[0].stat().st_size > 0
 
 
-def test_train_subset_budgets_the_pretraining_set(tmp_path):
-    res = fit(tiny(tmp_path / "run", **{"data.train_subset": 32}), progress=False)
+def test_train_subset_budgets_the_pretraining_set(tmp_path, monkeypatch):
+    from torchvision.io import encode_png
+    g = torch.Generator().manual_seed(0)
+    for c in ("a", "b"):  # a class-sorted folder: its first 32 images are all of class a
+        for i in range(40):
+            p = tmp_path / "tree" / "train" / c / f"{i}.png"; p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(encode_png(torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8, generator=g)).numpy().tobytes())
+    real, taken = torch.utils.data.Subset, []
+
+    def subset(ds, indices):
+        if not taken: taken.append((ds, list(indices)))  # the first Subset fit builds is the pretraining set
+        return real(ds, indices)
+    monkeypatch.setattr(torch.utils.data, "Subset", subset)
+    cfg = tiny(tmp_path / "run", **{"data.train_subset": 32, "data.dataset": f"imagefolder:{tmp_path / 'tree'}", "train.monitor_steps": 0})
+    res = fit(cfg, progress=False)
     assert res.steps == 32 // 16
+    ds, idx = taken[0]
+    assert len(idx) == 32 and len({ds.samples[i][1] for i in idx}) == 2  # drawn across classes, not the first 32
 
 
 def test_bf16_autocast_with_channels_last_on_cpu(tmp_path):
