@@ -30,7 +30,7 @@ __all__ = ['SHAPES', 'FAMILIES', 'SPLITS', 'DEFAULT_SPLIT_SIZES', 'BLOCK', 'GENE
            'FASHION_MNIST_CLASSES', 'IMG_EXTENSIONS', 'DATASETS', 'Batch', 'collate', 'resize_center_crop',
            'TensorImages', 'shape_mask', 'texture', 'draw_block', 'render_block', 'generate_synthetic',
            'default_cache_dir', 'load_or_generate', 'SyntheticShapes', 'read_idx', 'FashionMNIST', 'CorruptImageError',
-           'read_mask', 'scan_image_folder', 'ImageFolderMasked', 'torchvision_dataset', 'dataset_splits',
+           'read_mask', 'scan_image_folder', 'ImageFolderMasked', 'mask_count', 'torchvision_dataset', 'dataset_splits',
            'make_dataset', 'from_config']
 
 # %% ../nbs/01_data.ipynb #7cab4bcb
@@ -494,6 +494,18 @@ class ImageFolderMasked(Dataset):
                 self.n_skipped += 1
                 warnings.warn(f"skipping corrupt file: {e} ({self.n_skipped} skipped so far in this process)")
         raise CorruptImageError(f"every image of {self.root / (self.split or '')} failed to decode")
+
+# %% ../nbs/01_data.ipynb #c4373c5e
+def mask_count(ds: Dataset) -> Optional[int]:
+    "Images of `ds` that have a mask (a `Subset` counts its own indices); None for a dataset that cannot tell cheaply."
+    if isinstance(ds, torch.utils.data.Subset):
+        inner = ds.dataset
+        if isinstance(inner, ImageFolderMasked): return sum(inner.samples[i][2] is not None for i in ds.indices)
+        if isinstance(inner, TensorImages): return 0 if inner.masks is None else len(ds.indices)
+        return None
+    if isinstance(ds, ImageFolderMasked): return ds.n_masks
+    if isinstance(ds, TensorImages): return 0 if ds.masks is None else len(ds)
+    return None
 
 # %% ../nbs/01_data.ipynb #4fe42aef
 _TV = {  # name: (torchvision class, split keyword, splits, folder it expects, where to get it)

@@ -303,6 +303,10 @@ def fit(cfg: RunConfig,  # the whole run, e.g. `preset("demo")`
     if cfg.data.train_subset is not None:  # drawn by seed, not the first N (which, in class order, can be one class)
         keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(tc.seed))[:cfg.data.train_subset]
         dataset = torch.utils.data.Subset(dataset, sorted(keep.tolist()))
+    n_with_mask = rdata.mask_count(dataset) if cfg.views.mask_prob > 0 else None  # masking that cannot happen is said now
+    if n_with_mask == 0 and env.is_main:
+        warnings.warn(f"views.mask_prob={cfg.views.mask_prob} but no training image has a mask: no view will have its "
+                      "background removed (masks come with data.dataset=imagefolder:PATH,masks=PATH)")
     steps_per_epoch = len(dataset) // tc.batch_size
     if steps_per_epoch == 0: raise ValueError(f"the training set has {len(dataset)} images, fewer than train.batch_size={tc.batch_size}")
     total = tc.epochs * steps_per_epoch
@@ -356,6 +360,7 @@ def fit(cfg: RunConfig,  # the whole run, e.g. `preset("demo")`
         save_config(cfg, run_dir / "config.yaml")
         if step == 0:
             if init_share is not None: log.write(step=0, epoch=0, target_init_share=init_share)
+            if n_with_mask is not None: log.write(step=0, epoch=0, images_with_mask=n_with_mask, train_images=len(dataset))
             if tc.monitor_steps: log.write(step=0, epoch=0, **monitor(online.encoder, cfg, dev))  # the curve starts at init
 
     def checkpoint(step: int) -> Path:
@@ -388,7 +393,7 @@ def fit(cfg: RunConfig,  # the whole run, e.g. `preset("demo")`
     online.train()
     if target is not None: target.train()  # the target's BN statistics come from its own forward pass [BYOL's network code]
     L = cfg.views.n_large
-    loss_value, t_last, wait = float("nan"), time.perf_counter(), 0.0
+    loss_value, t_last, wait, masked = float("nan"), time.perf_counter(), 0.0, 0
     epoch = step // steps_per_epoch
     with StopSignals() as stop:  # SIGTERM / Ctrl-C: finish the step, write a checkpoint, stop (see above)
         while step < end:
@@ -401,6 +406,7 @@ def fit(cfg: RunConfig,  # the whole run, e.g. `preset("demo")`
                 set_lr(optimizer, lrs[step])
                 # views are made here, on the training device, from uint8 images: per-image draws, batched ops
                 v = views(batch.images, batch.masks, batch.has_mask, generator=gens["views"])
+                masked = masked + v.masked.sum() if n_with_mask is not None else masked  # large views with background removed
                 with _autocast(dev, tc.precision):
                     out = forward(v.large + v.small)  # one pass per view size
                     if target is not None:
@@ -435,7 +441,9 @@ def fit(cfg: RunConfig,  # the whole run, e.g. `preset("demo")`
                     n = tc.log_every if step % tc.log_every == 0 else (step % tc.log_every)
                     log.write(step=step, epoch=epoch, loss=loss_value, **{k: float(x) for k, x in terms.items()},
                               lr=float(lrs[step - 1]), ema=float(taus[step - 1]), images_per_s=n * tc.batch_size / dt,
-                              data_wait=min(wait / dt, 1.0))
+                              data_wait=min(wait / dt, 1.0),
+                              **({"masked_views": float(masked) / (n * b * L)} if n_with_mask is not None else {}))
+                    masked = 0
                     wait = 0.0; bar.set_postfix(loss=f"{loss_value:.3f}")
                 if step % tc.ckpt_every == 0 and step < end: ckpt_path = checkpoint(step) or ckpt_path
                 signum = torch.tensor(float(stop.received or 0), device=dev)

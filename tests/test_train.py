@@ -288,3 +288,22 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_is_exact(tmp
     a, b = (load_checkpoint(list_checkpoints(tmp_path / d)[-1]) for d in ("stopped", "whole"))
     assert a["step"] == b["step"] > step
     assert all(torch.equal(a["online"][k], b["online"][k]) for k in b["online"])
+
+
+def test_mask_coverage_is_reported_and_masking_without_masks_is_warned(tmp_path):
+    res = fit(tiny(tmp_path / "syn", **{"views.mask_prob": 0.5, "train.log_every": 1, "train.monitor_steps": 0}), max_steps=6,
+              progress=False)
+    rows = train.MetricsLog.read(res.run_dir / "metrics.jsonl")
+    cover = next(r for r in rows if "images_with_mask" in r)
+    assert 0 < cover["images_with_mask"] <= cover["train_images"]
+    shares = [r["masked_views"] for r in rows if "masked_views" in r]
+    assert len(shares) == res.steps >= 4 and 0.2 < sum(shares) / len(shares) < 0.8  # about mask_prob of the large views
+    from torchvision.io import encode_png
+    g = torch.Generator().manual_seed(0)
+    for c in ("a", "b"):
+        for i in range(16):
+            p = tmp_path / "tree" / "train" / c / f"{i}.png"; p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(encode_png(torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8, generator=g)).numpy().tobytes())
+    cfg = tiny(tmp_path / "plain", **{"views.mask_prob": 0.5, "data.dataset": f"imagefolder:{tmp_path / 'tree'}", "train.monitor_steps": 0})
+    with pytest.warns(UserWarning, match="views.mask_prob=0.5 but no training image has a mask"):
+        fit(cfg, max_steps=1, progress=False)
