@@ -36,10 +36,10 @@ from .target import momentum_schedule, target_init_share, update_target
 from .views import ViewGenerator
 
 # %% auto #0
-__all__ = ['CKPT_FORMAT', 'ResumableSampler', 'list_checkpoints', 'save_checkpoint', 'CheckpointError', 'load_checkpoint',
-           'check_resumable', 'seed_everything', 'make_generators', 'rng_state', 'set_rng_state', 'MetricsLog',
-           'plot_metrics', 'SupervisedNetwork', 'tune_malloc', 'TrainingDiverged', 'non_finite', 'RunResult',
-           'RunInterrupted', 'StopSignals', 'fit', 'monitor']
+__all__ = ['CKPT_FORMAT', 'ResumableSampler', 'list_checkpoints', 'save_checkpoint', 'remove_stale_temporaries',
+           'CheckpointError', 'load_checkpoint', 'check_resumable', 'seed_everything', 'make_generators', 'rng_state',
+           'set_rng_state', 'MetricsLog', 'plot_metrics', 'SupervisedNetwork', 'tune_malloc', 'TrainingDiverged',
+           'non_finite', 'RunResult', 'RunInterrupted', 'StopSignals', 'fit', 'monitor']
 
 # %% ../nbs/09_train.ipynb #e7a01281
 class ResumableSampler(DistributedSampler):
@@ -73,6 +73,12 @@ def save_checkpoint(state: dict,  # everything to restore a run
     atomic_write(path, lambda f: torch.save({"format": CKPT_FORMAT, **state}, f))  # a crash never leaves half a checkpoint
     for old in list_checkpoints(run_dir)[:-keep_last]: old.unlink(missing_ok=True)
     return path
+
+def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
+    "Delete the temporary files of checkpoint writes that a killed process left in `run_dir/checkpoints`; returns them."
+    stale = sorted(Path(run_dir, "checkpoints").glob(".step_*.pt.*.tmp"))
+    for p in stale: p.unlink(missing_ok=True)
+    return stale
 
 class CheckpointError(RuntimeError):
     "A checkpoint that cannot be used; the message names the file and what to do."
@@ -336,6 +342,7 @@ def fit(cfg: RunConfig,  # the whole run, e.g. `preset("demo")`
     taus = momentum_schedule(total, cfg.target.tau_base)
     gens = make_generators(tc.seed, env.rank, dev)
     # ---------------- resume ----------------
+    if env.is_main: remove_stale_temporaries(run_dir)  # half-written checkpoints of a killed run: never resumed from
     step, ckpt_path = 0, None
     if resume is not False:
         path = Path(resume) if not isinstance(resume, bool) else (list_checkpoints(run_dir) or [None])[-1]

@@ -307,3 +307,12 @@ def test_mask_coverage_is_reported_and_masking_without_masks_is_warned(tmp_path)
     cfg = tiny(tmp_path / "plain", **{"views.mask_prob": 0.5, "data.dataset": f"imagefolder:{tmp_path / 'tree'}", "train.monitor_steps": 0})
     with pytest.warns(UserWarning, match="views.mask_prob=0.5 but no training image has a mask"):
         fit(cfg, max_steps=1, progress=False)
+
+
+def test_a_killed_checkpoint_write_leaves_nothing_behind_once_the_run_resumes(tmp_path):
+    cfg = tiny(tmp_path / "run")
+    fit(cfg, max_steps=2, progress=False)
+    stale = tmp_path / "run" / "checkpoints" / ".step_0000003.pt.k2j4x.tmp"  # what atomic_write leaves under SIGKILL
+    stale.write_bytes(b"half a checkpoint")
+    fit(cfg, max_steps=3, progress=False)
+    assert not stale.exists() and [p.name for p in list_checkpoints(tmp_path / "run")][-1] == "step_0000003.pt"
