@@ -158,7 +158,7 @@ def test_supervised_baseline_trains_through_the_same_loop(tmp_path):
     res = fit(cfg, progress=False)
     state = load_checkpoint(list_checkpoints(tmp_path / "sup")[-1])
     assert state["target"] is None and any(k.startswith("classifier.") for k in state["online"])
-    rows = [json.loads(l) for l in (tmp_path / "sup" / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in map(json.loads, (tmp_path / "sup" / "metrics.jsonl").read_text().splitlines()) if r["step"] > 0]
     assert [r["step"] for r in rows] == list(range(1, 9)) and all("cross_entropy" in r for r in rows)
     assert res.online.classifier.out_features == 10
 
@@ -177,12 +177,13 @@ def test_train_subset_budgets_the_pretraining_set(tmp_path, monkeypatch):
         for i in range(40):
             p = tmp_path / "tree" / "train" / c / f"{i}.png"; p.parent.mkdir(parents=True, exist_ok=True)
             p.write_bytes(encode_png(torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8, generator=g)).numpy().tobytes())
-    real, taken = torch.utils.data.Subset, []
+    taken = []
 
-    def subset(ds, indices):
-        if not taken: taken.append((ds, list(indices)))  # the first Subset fit builds is the pretraining set
-        return real(ds, indices)
-    monkeypatch.setattr(torch.utils.data, "Subset", subset)
+    class Recording(torch.utils.data.Subset):
+        def __init__(self, ds, indices):
+            if not taken: taken.append((ds, list(indices)))  # the first Subset fit builds is the pretraining set
+            super().__init__(ds, indices)
+    monkeypatch.setattr(torch.utils.data, "Subset", Recording)
     cfg = tiny(tmp_path / "run", **{"data.train_subset": 32, "data.dataset": f"imagefolder:{tmp_path / 'tree'}", "train.monitor_steps": 0})
     res = fit(cfg, progress=False)
     assert res.steps == 32 // 16
