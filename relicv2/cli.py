@@ -99,7 +99,9 @@ def _train(args: argparse.Namespace, cfg: RunConfig) -> int:
     res = fit(cfg, resume=resume, max_steps=args.max_steps)
     if int(os.environ.get("RANK", "0")) == 0 and res.steps > 0:  # one process reports
         enc = export_encoder(res.online, res.run_dir)
-        print(f"relicv2-train: {res.steps} steps, final loss {res.final_loss:.4f}; run directory {res.run_dir} "
+        done = (f"{res.steps} steps, final loss {res.final_loss:.4f}" if res.final_loss == res.final_loss  # nan: no step ran now
+                else f"the run had already finished its {res.steps} steps, nothing left to train")
+        print(f"relicv2-train: {done}; run directory {res.run_dir} "
               f"(checkpoint {res.checkpoint.name}, metrics.jsonl, loss.png, {enc.name})"
               + (f"; the target keeps {100 * res.target_init_share:.2g}% of its random initial weights" if res.target_init_share is not None else ""))
         from relicv2.data import dataset_splits

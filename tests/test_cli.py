@@ -104,3 +104,11 @@ def test_a_train_only_folder_with_masks_trains_monitors_and_says_why_it_does_not
     rows = [l for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "knn_top1" in l]
     assert rows and all('"train (held-out slice)"' in l for l in rows)
 
+
+
+def test_running_a_finished_run_again_says_so(tmp_path):
+    args = ("--preset", "tiny", "--no-eval", "--set", f"train.out_dir={tmp_path / 'run'}")
+    first, again = command("train_main", *args), command("train_main", *args)
+    assert first.returncode == again.returncode == 0, again.stderr
+    assert "final loss" in first.stdout and "nan" not in again.stdout
+    assert "already finished its" in again.stdout, again.stdout
