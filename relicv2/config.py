@@ -359,8 +359,14 @@ def atomic_write(path: str | Path,  # the file to create or replace
         umask = os.umask(0); os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True); raise
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        # torch.save reports a failed write as its own RuntimeError ("unexpected pos"); the OS's reason (a full disk,
+        # a quota) is its context: raise that, naming the file, so the user reads "No space left on device"
+        reason = e if isinstance(e, OSError) else e.__context__ if isinstance(e, RuntimeError) else None
+        if isinstance(reason, OSError) and reason.errno is not None:
+            raise OSError(reason.errno, reason.strerror, str(path)) from None
+        raise
     return path
 
 # %% ../nbs/00_config.ipynb #4e3ab7bd

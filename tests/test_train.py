@@ -317,3 +317,29 @@ def test_a_killed_checkpoint_write_leaves_nothing_behind_once_the_run_resumes(tm
     stale.write_bytes(b"half a checkpoint")
     fit(cfg, max_steps=3, progress=False)
     assert not stale.exists() and [p.name for p in list_checkpoints(tmp_path / "run")][-1] == "step_0000003.pt"
+
+
+def test_a_full_disk_names_the_checkpoint_and_keeps_the_last_good_one(tmp_path, monkeypatch, capsys):
+    import errno, io
+    from relicv2.cli import report
+    cfg = tiny(tmp_path / "run", **{"train.ckpt_every": 2})
+    fit(cfg, max_steps=2, progress=False)
+    real = torch.save
+
+    class FullDisk(io.RawIOBase):
+        n = 0
+        def writable(self): return True
+        def write(self, b):
+            self.n += len(b)
+            if self.n > 4096: raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return len(b)
+    monkeypatch.setattr(torch, "save", lambda obj, f: real(obj, FullDisk()))  # every write hits a full disk
+    with pytest.raises(OSError) as e:
+        fit(cfg, max_steps=4, progress=False)
+    assert e.value.errno == errno.ENOSPC and e.value.filename.endswith("step_0000004.pt")
+    assert report("relicv2-train", e.value) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "step_0000004.pt: No space left on device" in err[0]
+    monkeypatch.undo()
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_0000002.pt"] and load_checkpoint(
+        list_checkpoints(tmp_path / "run")[-1])["step"] == 2
