@@ -163,7 +163,7 @@ def run_ablation(spec: AblationSpec | str | Path | dict,  # the grid, or a spec 
             out = json.loads(done.read_text())
         else: out = run_baseline(name, cfg, spec.splits) if is_baseline else run_one(cfg, spec.splits)
         for split, m in out["results"].items():
-            rows.append({"variant": name, "seed": seed, "split": split, **{k: round(m[k], 2) for k in RESULT_FIELDS[3:7]},
+            rows.append({"variant": name, "seed": seed, "split": split, **{k: None if m[k] is None else round(m[k], 2) for k in RESULT_FIELDS[3:7]},
                          "steps": out["steps"], "train_s": out["train_s"], "overrides": json.dumps(overrides.get(name, {}))})
         record[f"{name}/seed{seed}"] = {k: v for k, v in out.items() if k != "results"}
         if not is_baseline: record[f"{name}/seed{seed}"]["knn_curve"] = knn_curve(Path(cfg.train.out_dir, "metrics.jsonl"))
@@ -177,7 +177,7 @@ def read_results(path: str | Path) -> list[dict]:
     "The rows of a results.csv, numbers as floats."
     with open(path) as f: rows = list(csv.DictReader(f))
     for r in rows:
-        for k in RESULT_FIELDS[3:9]: r[k] = float(r[k])
+        for k in RESULT_FIELDS[3:9]: r[k] = float(r[k]) if r[k] != "" else None  # empty: top-5 of a <= 5-class set
         r["seed"] = int(r["seed"])
     return rows
 
