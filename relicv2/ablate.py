@@ -148,8 +148,9 @@ def run_ablation(spec: AblationSpec | str | Path | dict,  # the grid, or a spec 
     spec = spec if isinstance(spec, AblationSpec) else load_spec(spec)
     runs = spec.runs()
     if only:
-        unknown = sorted(set(only) - {n for n, _, _ in runs})
-        if unknown: raise ConfigError(f"unknown variant(s) {', '.join(unknown)}; variants: {', '.join(dict.fromkeys(n for n, _, _ in runs))}")
+        names = list(dict.fromkeys([*spec.baselines, *(n for n, _, _ in runs)]))  # the baselines can be run alone too
+        unknown = sorted(set(only) - set(names))
+        if unknown: raise ConfigError(f"unknown variant(s) {', '.join(unknown)}; variants: {', '.join(names)}")
     rows, record, path = [], {}, Path(spec.out_dir, "results.csv")
     overrides = {**spec.variants, **{n: {} for n, _, _ in runs if n not in spec.variants}}
     # the baselines first: cheap, and the floor every later row is read against

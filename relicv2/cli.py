@@ -39,8 +39,9 @@ def report(prog: str,  # the command's name
     "One line and an exit code for what a user can act on: 2 bad input, 1 a run that cannot go on, 128 + N signal N."
     if isinstance(e, (ConfigError, ValueError, FileNotFoundError, NotADirectoryError)):  # configuration, arguments, data, paths
         print(f"{prog}: error: {_where()}{e}", file=sys.stderr); return 2
+    if isinstance(e, BrokenPipeError): return 141  # the reader of our output went away (`| head`): nothing to say
     if isinstance(e, OSError):  # the system refused a read or a write: a full disk, permissions
-        print(f"{prog}: error: {_where()}{e.filename or 'a file'}: {e.strerror or e}", file=sys.stderr); return 1
+        print(f"{prog}: error: {_where()}{e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr); return 1
     if "relicv2.train" in sys.modules:  # the run's own exceptions (only a run that got that far can raise them)
         from relicv2.train import CheckpointError, RunInterrupted, TrainingDiverged
         if isinstance(e, RunInterrupted):  # stopped by SIGTERM / Ctrl-C after a checkpoint: not an error
@@ -210,7 +211,7 @@ def ablate_main(argv: list[str] | None = None) -> int:
     from relicv2.ablate import load_spec, run_ablation, read_results, format_summary, plot_ablation
     p = argparse.ArgumentParser(prog="relicv2-ablate", description="Train and evaluate a grid of runs from a spec file.")
     p.add_argument("spec", help="YAML or JSON ablation spec")
-    p.add_argument("--only", default=None, metavar="A,B", help="train only these variants")
+    p.add_argument("--only", default=None, metavar="A,B", help="train only these variants (or baselines: raw-pixels, random-init)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     p.add_argument("--collect", action="store_true", help="train nothing: write the table and plots from the finished runs")
     args = p.parse_args(argv)
