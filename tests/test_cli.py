@@ -112,3 +112,13 @@ def test_running_a_finished_run_again_says_so(tmp_path):
     assert first.returncode == again.returncode == 0, again.stderr
     assert "final loss" in first.stdout and "nan" not in again.stdout
     assert "already finished its" in again.stdout, again.stdout
+
+
+def test_ablate_only_a_baseline(tmp_path):
+    (tmp_path / "spec.yaml").write_text(f"preset: tiny\nout_dir: {tmp_path / 'grid'}\nvariants: {{a: {{}}}}\n"
+                                        "common: {eval.linear_epochs: 1}\n")
+    r = command("ablate_main", str(tmp_path / "spec.yaml"), "--only", "raw-pixels")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "grid" / "baselines" / "seed0" / "raw-pixels" / "eval.json").exists()
+    assert not (tmp_path / "grid" / "a").exists() and not (tmp_path / "grid" / "baselines" / "seed0" / "random-init").exists()
+    one_line(command("ablate_main", str(tmp_path / "spec.yaml"), "--only", "pixels"), 2, "variants: raw-pixels, random-init, a")
