@@ -60,7 +60,7 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_.=" else "_" for c in name)
 
 # %% ../nbs/11_ablate.ipynb #2a8e33fd
-_SPEC_KEYS = {"preset": str, "out_dir": str, "seeds": list, "common": dict, "variants": dict, "grid": dict, "splits": list,
+_GRID_KEYS = {"preset": str, "out_dir": str, "seeds": list, "common": dict, "variants": dict, "grid": dict, "splits": list,
               "baselines": list}
 
 def load_spec(source: str | Path | dict) -> AblationSpec:
@@ -68,8 +68,8 @@ def load_spec(source: str | Path | dict) -> AblationSpec:
     data = dict(source) if isinstance(source, dict) else _read_file(Path(source))
     where = "ablation spec" if isinstance(source, dict) else f"ablation spec {str(source)!r}"
     for k, v in data.items():
-        if k not in _SPEC_KEYS: raise ConfigError(f"unknown key {k!r} in {where}; allowed: {', '.join(_SPEC_KEYS)}")
-        if not isinstance(v, _SPEC_KEYS[k]): raise ConfigError(f"{where}: {k!r} must be a {_SPEC_KEYS[k].__name__}, got {v!r}")
+        if k not in _GRID_KEYS: raise ConfigError(f"unknown key {k!r} in {where}; allowed: {', '.join(_GRID_KEYS)}")
+        if not isinstance(v, _GRID_KEYS[k]): raise ConfigError(f"{where}: {k!r} must be a {_GRID_KEYS[k].__name__}, got {v!r}")
     if "preset" in data and data["preset"] not in PRESETS:
         raise ConfigError(f"{where}: unknown preset {data['preset']!r}; allowed: {', '.join(PRESETS)}")
     if not all(isinstance(s, int) and not isinstance(s, bool) for s in data.get("seeds", [0])) or not data.get("seeds", [0]):
