@@ -17,6 +17,7 @@ from typing import Optional
 
 from .config import ConfigError, RunConfig, atomic_write, preset, update, _read_file, PRESETS
 from .evaluate import BASELINES
+from .progress import ProgressArg, announce
 
 # %% auto #0
 __all__ = ['RESULT_FIELDS', 'AblationSpec', 'load_spec', 'provenance', 'train_seconds', 'knn_curve', 'run_one', 'run_baseline',
@@ -112,39 +113,40 @@ def knn_curve(metrics_path: str | Path) -> list[list]:
     from relicv2.train import MetricsLog
     return [[r["step"], r["knn_top1"]] for r in MetricsLog.read(metrics_path) if "knn_top1" in r]
 
-def run_one(cfg: RunConfig, splits: Optional[list] = None, progress: bool = False) -> dict:
+def run_one(cfg: RunConfig, splits: Optional[list] = None, progress: ProgressArg = False, name: str = "run") -> dict:
     "Train (or resume) one run and evaluate it; returns {'steps', 'train_s', 'eval_s', 'results', provenance}. Skips finished runs."
     from relicv2.train import fit
     from relicv2.evaluate import evaluate_from_config
     done = Path(cfg.train.out_dir, "eval.json")
     if done.exists(): return json.loads(done.read_text())
-    res = fit(cfg, progress=progress)
+    res = fit(cfg, progress=progress)  # resumes an interrupted run from its newest checkpoint
     t0 = time.perf_counter()
-    results = evaluate_from_config(res.online.encoder, cfg, splits=tuple(splits) if splits else None)
+    results = evaluate_from_config(res.online.encoder, cfg, splits=tuple(splits) if splits else None, progress=progress,
+                                   name=f"evaluating {name}")
     out = {"steps": res.steps, "train_s": round(train_seconds(Path(cfg.train.out_dir, "metrics.jsonl"), cfg.train.batch_size), 1),
            "eval_s": round(time.perf_counter() - t0, 1), "results": results, **provenance()}
     atomic_write(done, json.dumps(out, indent=2) + "\n")
     return out
 
-def run_baseline(name: str, cfg: RunConfig, splits: Optional[list] = None) -> dict:
+def run_baseline(name: str, cfg: RunConfig, splits: Optional[list] = None, progress: ProgressArg = False) -> dict:
     "Evaluate a baseline (`raw-pixels`, `random-init`) with `cfg`'s data, views and seed; cached in its out_dir like a run."
     from relicv2.evaluate import baseline_encoder, evaluate_from_config
     done = Path(cfg.train.out_dir, name, "eval.json")
     if done.exists(): return json.loads(done.read_text())
     t0 = time.perf_counter()
-    results = evaluate_from_config(baseline_encoder(name, cfg), cfg, splits=tuple(splits) if splits else None)
+    results = evaluate_from_config(baseline_encoder(name, cfg), cfg, splits=tuple(splits) if splits else None,
+                                   progress=progress, name=f"evaluating the {name} baseline")
     out = {"steps": 0, "train_s": 0.0, "eval_s": round(time.perf_counter() - t0, 1), "results": results, **provenance()}
     atomic_write(done, json.dumps(out, indent=2) + "\n")
     return out
 
 # %% ../nbs/11_ablate.ipynb #34fc4a93
 def run_ablation(spec: AblationSpec | str | Path | dict,  # the grid, or a spec file
-                 progress: bool = True,  # a bar over runs
+                 progress: ProgressArg = None,  # each run named, then its training and evaluation; see `progress_mode`
                  only: Optional[list[str]] = None,  # run just these variants (the table keeps the others' finished rows)
                 train: bool = True,  # False: run nothing, only collect the finished runs into the table
                 ) -> Path:
     "Train and evaluate every (variant, seed) of `spec`, resuming finished and interrupted runs; returns results.csv."
-    from tqdm import tqdm
     spec = spec if isinstance(spec, AblationSpec) else load_spec(spec)
     runs = spec.runs()
     if only:
@@ -157,12 +159,15 @@ def run_ablation(spec: AblationSpec | str | Path | dict,  # the grid, or a spec 
     # (raw pixels have no seed but the probe's held-out rows: measured once, at the first seed)
     jobs = [(b, seed, spec.base_config(seed), True) for seed in spec.seeds for b in spec.baselines
             if b != "raw-pixels" or seed == spec.seeds[0]] + [(*r, False) for r in runs]
-    for name, seed, cfg, is_baseline in tqdm(jobs, desc="ablation", disable=not progress):
+    for i, (name, seed, cfg, is_baseline) in enumerate(jobs, 1):
         done = Path(cfg.train.out_dir, name, "eval.json") if is_baseline else Path(cfg.train.out_dir, "eval.json")
         if not train or (only and name not in only):  # not ours to run now, but its finished results stay in the table
             if not done.exists(): continue
             out = json.loads(done.read_text())
-        else: out = run_baseline(name, cfg, spec.splits) if is_baseline else run_one(cfg, spec.splits)
+        else:
+            announce(f"ablation: run {i} of {len(jobs)}, {name} seed {seed}" + (" (finished: its results are read back)" if done.exists() else ""), progress)
+            out = (run_baseline(name, cfg, spec.splits, progress) if is_baseline
+                   else run_one(cfg, spec.splits, progress, name=f"{name} seed {seed}"))
         for split, m in out["results"].items():
             rows.append({"variant": name, "seed": seed, "split": split, **{k: None if m[k] is None else round(m[k], 2) for k in RESULT_FIELDS[3:7]},
                          "steps": out["steps"], "train_s": out["train_s"], "overrides": json.dumps(overrides.get(name, {}))})

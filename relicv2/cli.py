@@ -6,17 +6,19 @@
 from __future__ import annotations
 
 import argparse
-import sys
-from typing import Callable
-
+import json
 import os
+import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
-from .config import ConfigError, RunConfig, load_config, to_dict, PRESETS
+from .config import ConfigError, RunConfig, atomic_write, load_config, to_dict, PRESETS
+from .progress import ProgressArg
 
 # %% auto #0
-__all__ = ['config_parser', 'report', 'run_cli', 'export_encoder', 'evaluate_run', 'train_main', 'load_run_encoder', 'eval_main',
-           'load_weights', 'ablate_main']
+__all__ = ['config_parser', 'report', 'run_cli', 'export_encoder', 'evaluate_run', 'TrainedRun', 'accuracy_note',
+           'train_and_evaluate', 'train_main', 'load_run_encoder', 'eval_main', 'load_weights', 'ablate_main']
 
 # %% ../nbs/90_cli.ipynb #3e419218
 def config_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -27,6 +29,8 @@ def config_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override one field, e.g. --set loss.alpha=0.5 (repeatable)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress output (default: a bar in a terminal, a line every 5%% of the work in a log file)")
     return p
 
 def _where() -> str:
@@ -82,37 +86,82 @@ def export_encoder(online, run_dir) -> Path:
     torch.save(weights, run_dir / "encoder_torchvision.pt")
     return run_dir / "encoder.pt"
 
-def evaluate_run(cfg: RunConfig, online, progress: bool = False, baselines: bool = True) -> dict:
+def evaluate_run(cfg: RunConfig, online, progress: ProgressArg = False, baselines: bool = True) -> dict:
     "kNN and linear accuracy of the trained encoder, after the raw-pixel and random-init baselines (the floor)."
     from relicv2.evaluate import BASELINES, baseline_encoder, evaluate_from_config
     dev = next(online.parameters()).device
-    rows = {b.replace("-", " "): evaluate_from_config(baseline_encoder(b, cfg).to(dev), cfg, progress=progress)
+    rows = {b.replace("-", " "): evaluate_from_config(baseline_encoder(b, cfg).to(dev), cfg, progress=progress,
+                                                      name=f"evaluating the {b} baseline")
             for b in (BASELINES if baselines else ())}
-    return {**rows, "trained": evaluate_from_config(online.encoder, cfg, progress=progress)}
+    return {**rows, "trained": evaluate_from_config(online.encoder, cfg, progress=progress, name="evaluating the trained encoder")}
 
 # %% ../nbs/90_cli.ipynb #7cb08efd
-def _train(args: argparse.Namespace, cfg: RunConfig) -> int:
-    import json
+@dataclass
+class TrainedRun:
+    "What `train_and_evaluate` (and `relicv2-train`) leaves behind."
+    run: "RunResult"  # `fit`'s result: run directory, steps, final loss, checkpoint, the online network
+    encoder: Optional[Path] = None  # encoder.pt (encoder_torchvision.pt beside it); None: no step was ever run
+    results: Optional[dict] = None  # {row: {split: {metric: %}}} as in eval.json; None: not evaluated
+    stored: bool = False  # the run had finished before: `results` were read back from its eval.json
+    n_classes: int = 0  # classes of the dataset, for the chance level
+
+    def table(self) -> str:
+        "The results as `relicv2-train` prints them: kNN and linear top-1, the unit and the chance level."
+        from relicv2.evaluate import format_table
+        if self.results is None: return ""
+        return format_table(self.results, metrics=("knn_top1", "linear_top1")) + "\n" + accuracy_note(self.n_classes)
+
+def accuracy_note(n_classes: int) -> str:
+    "The line under a results table: its unit and the chance level."
+    chance = f"; chance is {100 / n_classes:.3g}% ({n_classes} classes)" if n_classes else ""
+    return f"(accuracy in % on held-out images{chance})"
+
+def _n_classes(cfg: RunConfig) -> int:
+    from relicv2.data import from_config
+    return len(getattr(from_config(cfg.data, "train", masks=False), "classes", None) or [])
+
+def train_and_evaluate(cfg: RunConfig,  # the whole run, e.g. `preset("demo")`
+                       resume: bool | str | Path = True,  # as in `fit`
+                       max_steps: Optional[int] = None,  # as in `fit`
+                       evaluate: bool = True,  # False: train and export only
+                       baselines: bool = True,  # evaluate raw pixels and the random-init encoder too (the floor)
+                       progress: ProgressArg = None,  # as in `fit`
+                      ) -> TrainedRun:
+    "All that `relicv2-train` does, from Python: `fit`, the encoder's weights in both formats, and the evaluation in eval.json."
     from relicv2.train import fit
-    from relicv2.evaluate import format_table
+    from relicv2.data import dataset_splits
+    res = fit(cfg, resume=resume, max_steps=max_steps, progress=progress)
+    if int(os.environ.get("RANK", "0")) != 0 or res.steps == 0: return TrainedRun(res)  # one process exports and evaluates
+    out = TrainedRun(res, export_encoder(res.online, res.run_dir))
+    if not evaluate or not [s for s in dataset_splits(cfg.data.dataset) if s != "train"]: return out
+    out.n_classes = _n_classes(cfg)
+    stored = res.run_dir / "eval.json"
+    if res.final_loss != res.final_loss and stored.exists():  # nan: no step ran now, the run had finished before
+        out.results, out.stored = json.loads(stored.read_text()), True
+    else:
+        out.results = evaluate_run(cfg, res.online, progress=progress, baselines=baselines)
+        atomic_write(stored, json.dumps(out.results, indent=2) + "\n")
+    return out
+
+# %% ../nbs/90_cli.ipynb #adc091b8
+def _train(args: argparse.Namespace, cfg: RunConfig) -> int:
     from relicv2.distributed import shutdown_distributed
     resume = False if args.no_resume else (args.resume or True)
-    res = fit(cfg, resume=resume, max_steps=args.max_steps)
-    if int(os.environ.get("RANK", "0")) == 0 and res.steps > 0:  # one process reports
-        enc = export_encoder(res.online, res.run_dir)
+    progress = False if args.no_progress else None  # None: a bar in a terminal, lines in a log
+    out = train_and_evaluate(cfg, resume=resume, max_steps=args.max_steps, evaluate=not args.no_eval, progress=progress)
+    res = out.run
+    if out.encoder is not None:  # process 0 of a run that has steps reports
         done = (f"{res.steps} steps, final loss {res.final_loss:.4f}" if res.final_loss == res.final_loss  # nan: no step ran now
                 else f"the run had already finished its {res.steps} steps, nothing left to train")
         print(f"relicv2-train: {done}; run directory {res.run_dir} "
-              f"(checkpoint {res.checkpoint.name}, metrics.jsonl, loss.png, {enc.name})"
+              f"(checkpoint {res.checkpoint.name}, metrics.jsonl, loss.png, {out.encoder.name})"
               + (f"; the target keeps {100 * res.target_init_share:.2g}% of its random initial weights" if res.target_init_share is not None else ""))
-        from relicv2.data import dataset_splits
-        if not args.no_eval and not [s for s in dataset_splits(cfg.data.dataset) if s != "train"]:
+        if not args.no_eval and out.results is None:
             print("relicv2-train: the dataset has no split but train, so there is nothing held out to evaluate on; "
                   "give a labelled folder beside it to relicv2-eval (--set data.dataset=...)")
-        elif not args.no_eval:
-            results = evaluate_run(cfg, res.online, progress=sys.stderr.isatty())
-            (res.run_dir / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
-            print(format_table(results, metrics=("knn_top1", "linear_top1")))
+        elif out.results is not None:
+            if out.stored: print(f"relicv2-train: its stored evaluation ({res.run_dir / 'eval.json'}; relicv2-eval {res.run_dir} evaluates it again):")
+            print(out.table())
     # Under torchrun, end the process group before Python exits: gloo's threads otherwise outlive the interpreter
     # and the process can abort at exit ("terminate called without an active exception", pytorch issue #190489).
     # Not on an exception: a process that failed mid-run leaves the others to torchrun.
@@ -157,11 +206,13 @@ def _eval(args: argparse.Namespace, cfg: RunConfig) -> int:
         enc, name = load_weights(args.weights, cfg), Path(args.weights).stem
     dev = resolve_device(cfg.train.device)
     splits = tuple(args.splits.split(",")) if args.splits else None
+    progress = False if args.no_progress else None
     rows = {} if args.no_baselines else {  # the floor: the same evaluation of raw pixels and of the run's random init
-        b.replace("-", " "): evaluate_from_config(baseline_encoder(b, cfg).to(dev), cfg, splits=splits, progress=sys.stderr.isatty())
+        b.replace("-", " "): evaluate_from_config(baseline_encoder(b, cfg).to(dev), cfg, splits=splits, progress=progress,
+                                                  name=f"evaluating the {b} baseline")
         for b in BASELINES}
-    rows[name] = evaluate_from_config(enc.to(dev), cfg, splits=splits, progress=sys.stderr.isatty())
-    print(format_table(rows))
+    rows[name] = evaluate_from_config(enc.to(dev), cfg, splits=splits, progress=progress, name=f"evaluating {name}")
+    print(format_table(rows)); print(accuracy_note(_n_classes(cfg)))
     return 0
 
 def eval_main(argv: list[str] | None = None) -> int:
@@ -214,13 +265,15 @@ def ablate_main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default=None, metavar="A,B", help="train only these variants (or baselines: raw-pixels, random-init)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     p.add_argument("--collect", action="store_true", help="train nothing: write the table and plots from the finished runs")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress output (default: a bar in a terminal, a line every 5%% of the work in a log file)")
     args = p.parse_args(argv)
     try:
         spec = load_spec(args.spec)
         if args.dry_run:
             for name, seed, cfg in spec.runs(): print(f"{name}  seed {seed}  -> {cfg.train.out_dir}")
             return 0
-        path = run_ablation(spec, progress=sys.stderr.isatty(), only=args.only.split(",") if args.only else None,
+        path = run_ablation(spec, progress=False if args.no_progress else None, only=args.only.split(",") if args.only else None,
                             train=not args.collect)
     except Exception as e:
         code = report("relicv2-ablate", e)

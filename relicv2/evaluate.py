@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from .data import collate, dataset_splits, from_config as dataset_from_config
 from .optim import lr_schedule, set_lr
+from .progress import ProgressArg, announce, track
 
 # %% auto #0
 __all__ = ['LBFGS_DECAYS', 'BASELINES', 'knn_classify', 'linear_probe', 'lbfgs_probe', 'extract_features', 'evaluate',
@@ -272,7 +272,8 @@ def extract_features(encoder: nn.Module,  # maps (B, 3, H, W) floats in [0, 1] t
                      device=None,  # where the encoder runs; None: the device of its parameters
                      num_workers: int = 0,  # DataLoader workers
                      dtype: Optional[torch.dtype] = None,  # autocast dtype (torch.bfloat16, torch.float16) or None: off
-                     progress: bool = False,  # show a tqdm bar
+                     progress: ProgressArg = False,  # see `relicv2.progress.progress_mode`
+                     desc: str = "features",  # the phase's name in the progress output
                     ) -> tuple[Tensor, Tensor]:  # (N, D) float32 features and (N,) int64 labels, on the CPU
     "Features of every image of `dataset` from the frozen encoder (eval mode, no grad), and the labels."
     if len(dataset) == 0: raise ValueError("dataset must not be empty")
@@ -285,7 +286,7 @@ def extract_features(encoder: nn.Module,  # maps (B, 3, H, W) floats in [0, 1] t
     feats, labels, was_training = [], [], encoder.training
     encoder.eval()
     try:
-        for batch in tqdm(loader, desc="features", disable=not progress, leave=False):
+        for batch in track(loader, desc, progress, unit="batch", lines=1, announce=False, leave=False):
             x = _to_input(batch.images.to(dev, non_blocking=True), image_size)
             with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
                 feats.append(encoder(x).float().cpu())
@@ -309,28 +310,30 @@ def evaluate(encoder: nn.Module,  # the frozen encoder (the online one), images 
              batch_size: int = 256,  # images per forward pass of feature extraction
              seed: int = 0,  # seeds the linear probe's shuffling
              device=None,  # where the encoder runs; None: its parameters' device
-             progress: bool = False,  # tqdm bars while extracting features
+             progress: ProgressArg = False,  # see `relicv2.progress.progress_mode`
+             name: str = "encoder",  # what is evaluated, named in the progress output
             ) -> dict[str, dict]:  # {split: {knn_top1, knn_top5, linear_top1, linear_top5}} in percent
     "kNN and linear-probe accuracy of a frozen encoder on each test split, features computed once per split."
     if not isinstance(test_sets, dict) or not test_sets: raise ValueError(f"test_sets must be a non-empty dict {{name: Dataset}}, got {type(test_sets).__name__}")
     if linear_solver not in ("sgd", "lbfgs"): raise ValueError(f"eval.linear_solver must be one of 'sgd', 'lbfgs', got {linear_solver!r}")
     kw = dict(image_size=image_size, batch_size=batch_size, device=device, progress=progress)
     if bn_recalibrate: encoder = recalibrate_bn(encoder, train_set, bn_recalibrate, image_size=image_size, batch_size=batch_size, device=device)
-    train_x, train_y = extract_features(encoder, train_set, **kw)
+    train_x, train_y = extract_features(encoder, train_set, desc=f"{name}: train features", **kw)
     if int(train_y.min()) < 0: raise ValueError("train_set has items without a label (-1); evaluation needs a labelled dataset")
-    tests = {name: extract_features(encoder, d, **kw) for name, d in test_sets.items()}
+    tests = {s: extract_features(encoder, d, desc=f"{name}: {s} features", **kw) for s, d in test_sets.items()}
     classes = getattr(train_set, "classes", None)
     n_classes = max([len(classes) if classes else 0, int(train_y.max()) + 1] + [int(y.max()) + 1 for _, y in tests.values()])
+    announce(f"{name}: linear probe ({'L-BFGS' if linear_solver == 'lbfgs' else f'SGD, {linear_epochs} epochs'}) and kNN", progress)
     if linear_solver == "lbfgs": probe = lbfgs_probe(train_x, train_y, n_classes=n_classes, seed=seed)["classifier"]
     else: probe = linear_probe(train_x, train_y, n_classes=n_classes, epochs=linear_epochs, batch_size=linear_batch_size,
                                base_lr=linear_base_lr, seed=seed)["classifier"]
     results = {}
-    for name, (x, y) in tests.items():
-        if int(y.min()) < 0: raise ValueError(f"test split {name!r} has items without a label (-1); evaluation needs labels")
+    for split, (x, y) in tests.items():
+        if int(y.min()) < 0: raise ValueError(f"test split {split!r} has items without a label (-1); evaluation needs labels")
         knn = knn_classify(train_x, train_y, x, y, k=knn_k, temperature=knn_temperature, n_classes=n_classes)
         order = _rank(probe(x))
         top5 = n_classes > 5  # with 5 classes or fewer, top-5 is 100% whatever the encoder: reported as None
-        results[name] = dict(knn_top1=knn["top1"], knn_top5=knn["top5"] if top5 else None,
+        results[split] = dict(knn_top1=knn["top1"], knn_top5=knn["top5"] if top5 else None,
                              linear_top1=_percent(_hits(order, y, 1)), linear_top5=_percent(_hits(order, y, 5)) if top5 else None)
     return results
 
@@ -369,7 +372,8 @@ def evaluate_from_config(encoder: nn.Module,  # the frozen encoder
                          *,
                          splits: Optional[tuple] = None,  # test splits; None: every split of the dataset but 'train'
                          device=None,  # where the encoder runs; None: its parameters' device
-                         progress: bool = False,  # tqdm bars
+                         progress: ProgressArg = False,  # see `relicv2.progress.progress_mode`
+                         name: str = "encoder",  # what is evaluated, named in the progress output
                          **dataset_kw,  # extra constructor arguments for every split (e.g. cache_dir=)
                         ) -> dict[str, dict]:  # {split: {knn_top1, knn_top5, linear_top1, linear_top5}}
     "`evaluate` with the datasets, image size and settings of a run config."
@@ -383,7 +387,7 @@ def evaluate_from_config(encoder: nn.Module,  # the frozen encoder
                     {s: dataset_from_config(cfg.data, s, masks=False, **dataset_kw) for s in splits},
                     image_size=cfg.views.large_size, knn_k=e.knn_k, knn_temperature=e.knn_temperature,
                     linear_epochs=e.linear_epochs, linear_batch_size=e.linear_batch_size, linear_base_lr=e.linear_base_lr,
-                    linear_solver=e.linear_solver, bn_recalibrate=e.bn_recalibrate, seed=cfg.train.seed, device=device, progress=progress)
+                    linear_solver=e.linear_solver, bn_recalibrate=e.bn_recalibrate, seed=cfg.train.seed, device=device, progress=progress, name=name)
 
 # %% ../nbs/10_eval.ipynb #cb282a23
 class PixelEncoder(nn.Module):

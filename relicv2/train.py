@@ -33,6 +33,7 @@ from .encoder import build_networks, multicrop_forward
 from .loss import ReLICv2Loss
 from .optim import lr_schedule_from_config, optimizer_from_config, set_lr
 from .target import momentum_schedule, target_init_share, update_target
+from .progress import Progress, ProgressArg
 from .views import ViewGenerator
 
 # %% auto #0
@@ -246,6 +247,13 @@ class RunResult:
     target_init_share: Optional[float] = None  # share of its random initial weights left in the target at the end (None: no target)
     online: torch.nn.Module = field(repr=False, default=None)  # the trained online network (encoder, projector, predictor)
 
+    def __repr__(self) -> str:  # the network by name and size: its full repr would fill a screen
+        net = (f"{type(self.online).__name__} ({sum(p.numel() for p in self.online.parameters()):,} parameters)"
+               if self.online is not None else None)
+        share = None if self.target_init_share is None else f"{self.target_init_share:.3g}"
+        return (f"RunResult(run_dir={str(self.run_dir)!r}, steps={self.steps}, final_loss={self.final_loss:.4g}, "
+                f"checkpoint={self.checkpoint.name if self.checkpoint else None!r}, target_init_share={share}, online={net})")
+
 def _autocast(device: torch.device, precision: str):
     if precision == "fp32": return nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
@@ -289,7 +297,7 @@ class StopSignals:
 def fit(cfg: RunConfig,  # the whole run, e.g. `preset("demo")`
         resume: bool | str | Path = True,  # True: continue from the newest checkpoint in out_dir; a path: from that file
         max_steps: Optional[int] = None,  # stop after this many steps in total (a checkpoint is written); None: all
-        progress: Optional[bool] = None,  # progress bar; None: when stderr is a terminal
+        progress: ProgressArg = None,  # None: a bar in a terminal or notebook, a line every 5% in a log; False: silent
         env: Optional[DistEnv] = None,  # process/device; None: from torchrun's environment and `cfg.train.device`
        ) -> RunResult:
     "Train ReLICv2 as `cfg` says; under `torchrun`, every process calls this."
@@ -394,9 +402,8 @@ def fit(cfg: RunConfig,  # the whole run, e.g. `preset("demo")`
 
     # ---------------- the loop ----------------
     end = min(total, max_steps) if max_steps is not None else total
-    show = env.is_main and (sys.stderr.isatty() if progress is None else progress)
-    from tqdm import tqdm
-    bar = tqdm(total=end, initial=step, disable=not show, desc="relicv2", unit="step", dynamic_ncols=True)
+    bar = Progress(end, "supervised training" if supervised else "pretraining", progress if env.is_main else False,
+                   initial=step, per_unit=tc.batch_size)
     online.train()
     if target is not None: target.train()  # the target's BN statistics come from its own forward pass [BYOL's network code]
     L = cfg.views.n_large
@@ -441,8 +448,8 @@ def fit(cfg: RunConfig,  # the whole run, e.g. `preset("demo")`
                 if target is not None:  # the target follows the online encoder and projector (never the predictor)
                     update_target(target.encoder, online.encoder, taus[step])
                     update_target(target.projector, online.projector, taus[step])
-                step += 1; bar.update(1)
-                loss_value = check.item()
+                step += 1
+                loss_value = check.item(); bar.update(1, loss=loss_value)
                 if step % tc.log_every == 0 or step == end:
                     now = time.perf_counter(); dt = now - t_last; t_last = now
                     n = tc.log_every if step % tc.log_every == 0 else (step % tc.log_every)
@@ -451,7 +458,7 @@ def fit(cfg: RunConfig,  # the whole run, e.g. `preset("demo")`
                               data_wait=min(wait / dt, 1.0),
                               **({"masked_views": float(masked) / (n * b * L)} if n_with_mask is not None else {}))
                     masked = 0
-                    wait = 0.0; bar.set_postfix(loss=f"{loss_value:.3f}")
+                    wait = 0.0
                 if step % tc.ckpt_every == 0 and step < end: ckpt_path = checkpoint(step) or ckpt_path
                 signum = torch.tensor(float(stop.received or 0), device=dev)
                 if env.distributed: dist.all_reduce(signum, op=dist.ReduceOp.MAX)  # one process's signal stops them all

@@ -58,8 +58,11 @@ def command(name, *args):
 
 
 def one_line(r, code, needle):
+    "The command failed with `code` and one error line, the last thing it wrote (after any progress lines)."
     lines = r.stderr.strip().splitlines()
-    assert r.returncode == code and len(lines) == 1 and "Traceback" not in r.stderr and needle in lines[0], r.stderr
+    errors = [l for l in lines if ": error:" in l]
+    assert r.returncode == code and len(errors) == 1 and lines[-1] == errors[0] and "Traceback" not in r.stderr, r.stderr
+    assert needle in errors[0], r.stderr
 
 
 def test_missing_dataset_folders_are_one_line_in_every_command(tmp_path):
@@ -122,3 +125,27 @@ def test_ablate_only_a_baseline(tmp_path):
     assert (tmp_path / "grid" / "baselines" / "seed0" / "raw-pixels" / "eval.json").exists()
     assert not (tmp_path / "grid" / "a").exists() and not (tmp_path / "grid" / "baselines" / "seed0" / "random-init").exists()
     one_line(command("ablate_main", str(tmp_path / "spec.yaml"), "--only", "pixels"), 2, "variants: raw-pixels, random-init, a")
+
+
+def test_progress_without_a_terminal_is_a_few_named_lines(tmp_path):
+    # stderr is a pipe here, as under nohup or a scheduler: no tqdm bar, but lines that say what runs and how far it is
+    r = command("train_main", "--preset", "tiny", "--set", f"train.out_dir={tmp_path / 'run'}", "--set", "eval.linear_epochs=2")
+    assert r.returncode == 0, r.stderr
+    err = r.stderr.splitlines()
+    assert "\r" not in r.stderr and len(err) < 80, r.stderr
+    steps = [l for l in err if l.startswith("pretraining: step ")]
+    assert err[0].startswith("pretraining: ") and err[0].endswith(" steps"), err[0]
+    total = int(err[0].split()[1])
+    assert steps[-1].startswith(f"pretraining: step {total}/{total} (100%), loss ") and "img/s" in steps[-1] and steps[-1].endswith(" in all"), steps
+    assert 1 <= len(steps) <= 20
+    for phase in ("evaluating the raw-pixels baseline", "evaluating the random-init baseline", "evaluating the trained encoder"):
+        assert any(l.startswith(f"{phase}: train features") for l in err), (phase, r.stderr)
+        assert any(l.startswith(f"{phase}: linear probe") for l in err), (phase, r.stderr)
+    # asked for nothing, nothing comes: the same run resumed with progress off through the Python API
+    from relicv2.config import preset, update
+    from relicv2.train import fit
+    import contextlib, io
+    buf = io.StringIO()
+    with contextlib.redirect_stderr(buf):
+        fit(update(preset("tiny"), {"train.out_dir": str(tmp_path / "quiet"), "train.epochs": 1}), max_steps=2, progress=False)
+    assert buf.getvalue() == ""

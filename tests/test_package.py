@@ -31,10 +31,12 @@ def test_index_maps_every_notebook():
 def test_readme_states_the_two_commands_ci_runs():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
-    assert "pip install -e . && relicv2-train" in readme
-    assert 'pip install -e ".[dev]" && nbdev_test && pytest' in readme
-    for step in ('pip install -q -e ".[dev]"', "nbdev_test", "pytest"):
-        assert step in ci
+    venv = "python3 -m venv .venv && . .venv/bin/activate && "
+    assert venv + "pip install -e . && relicv2-train" in readme
+    assert venv + 'pip install -e ".[dev]" && nbdev_test && pytest' in readme
+    steps = ["python3 -m venv .venv", ". .venv/bin/activate", 'pip install -q -e ".[dev]"', "\nnbdev_test", "\npytest"]
+    at = [ci.find(step) for step in steps]
+    assert -1 not in at and at == sorted(at), list(zip(steps, at))  # every step, in the README's order
 
 
 def test_console_scripts_resolve_and_answer_help():

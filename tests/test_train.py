@@ -277,7 +277,9 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_is_exact(tmp
     p.send_signal(getattr(signal, signame))
     err = p.communicate(timeout=240)[1]
     assert p.returncode == code, (p.returncode, err)
-    lines = err.strip().splitlines()
+    progress = [l for l in err.strip().splitlines() if l.startswith("pretraining: ")]  # stderr is a pipe: progress lines
+    lines = [l for l in err.strip().splitlines() if not l.startswith("pretraining: ")]
+    assert progress[-1].endswith("(stopped)"), err  # the last progress line says where it stopped
     assert len(lines) == 1 and f"stopped by {signame} after step" in lines[0] and "Traceback" not in err, err
     step = int(lines[0].split("after step ")[1].split(";")[0])
     ckpts = list_checkpoints(tmp_path / "stopped")
