@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from .config import ConfigError, RunConfig, atomic_write, load_config, to_dict, PRESETS
+from .config import ConfigError, RunConfig, SALIENCY_METHODS, atomic_write, load_config, to_dict, PRESETS
 from .progress import ProgressArg
 
 # %% auto #0
 __all__ = ['config_parser', 'report', 'run_cli', 'export_encoder', 'evaluate_run', 'TrainedRun', 'accuracy_note',
-           'train_and_evaluate', 'train_main', 'load_run_encoder', 'eval_main', 'load_weights', 'ablate_main']
+           'train_and_evaluate', 'train_main', 'load_run_encoder', 'eval_main', 'load_weights', 'ablate_main',
+           'saliency_parser', 'saliency_main']
 
 # %% ../nbs/90_cli.ipynb #3e419218
 def config_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -285,3 +286,42 @@ def ablate_main(argv: list[str] | None = None) -> int:
         plot_ablation(rows, metric, path.with_name(f"{metric}.png"))
     print(f"relicv2-ablate: table {path}, plots beside it")
     return 0
+
+# %% ../nbs/90_cli.ipynb #de437cd0
+def saliency_parser() -> argparse.ArgumentParser:
+    "The argument parser of `relicv2-saliency`."
+    p = argparse.ArgumentParser(prog="relicv2-saliency", description="Unsupervised saliency masks for an ImageFolder tree, "
+                                "DeepUSPS-lite training, and evaluation against reference masks.")
+    p.add_argument("input", nargs="?", help="ImageFolder root (every image under it gets a mask)")
+    p.add_argument("output", nargs="?", help="root of the mask tree to write (outside the input folder)")
+    p.add_argument("--method", default="border", help=f"one of {', '.join(SALIENCY_METHODS)} (default: border)")
+    p.add_argument("--weights", default=None, metavar="FILE", help="DeepUSPS-lite weights: read by --method deepusps, written by --train-on")
+    p.add_argument("--train-on", default=None, metavar="DATA", help="train DeepUSPS-lite on the images of DATA ('synthetic' or a folder); no labels or masks are read")
+    p.add_argument("--train-images", type=int, default=3000, metavar="N", help="at most N training images (default 3000)")
+    p.add_argument("--epochs", type=int, default=8, help="epochs of the first fit (default 8)")
+    p.add_argument("--rounds", type=int, default=1, help="self-training rounds (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the training subset, initialisation and augmentation (default 0)")
+    p.add_argument("--evaluate", default=None, metavar="MASKS", help="reference masks for INPUT ('synthetic': the synthetic test split); prints a table")
+    p.add_argument("--methods", default=None, help="comma-separated methods for --evaluate (default: all available)")
+    p.add_argument("--split", default=None, help="sub-folder of INPUT and MASKS to evaluate")
+    p.add_argument("--results", default=None, metavar="FILE", help="also write the --evaluate table (and the training settings) to this JSON file")
+    p.add_argument("--size", type=int, default=64, help="working resolution in pixels (default 64)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per step of training and per batch of mask writing (default 32)")
+    p.add_argument("--threshold", default="otsu", help="'otsu', 'adaptive' or a number in [0, 1)")
+    p.add_argument("--clean", type=int, default=3, help="clean-up structuring element, odd (1 = none)")
+    p.add_argument("--min-coverage", type=float, default=0.01, help="no mask below this foreground fraction")
+    p.add_argument("--max-coverage", type=float, default=0.95, help="no mask above this foreground fraction")
+    p.add_argument("--device", default="auto", help="'auto' (cuda if present), 'cpu', 'cuda', ...")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+def saliency_main(argv: list[str] | None = None) -> int:
+    "Entry point of `relicv2-saliency`: arguments first (so that --help needs no torch), then `relicv2.saliency.saliency_command`."
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = saliency_parser().parse_args(argv)
+    try:
+        from relicv2.saliency import saliency_command
+        return saliency_command(args, argv)
+    except (ValueError, TypeError, FileNotFoundError) as e:  # bad input: one line, exit 2
+        print(f"relicv2-saliency: error: {e}", file=sys.stderr)
+        return 2

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
 # %% auto #0
-__all__ = ['Pair', 'RANGES', 'RENAMED', 'SHORT_RUN', 'PRESETS', 'DataConfig', 'ViewsConfig', 'EncoderConfig', 'HeadConfig',
-           'LossConfig', 'TargetConfig', 'OptimConfig', 'TrainConfig', 'EvalConfig', 'RunConfig', 'ConfigError',
-           'coerce', 'check_range', 'update', 'to_dict', 'preset', 'atomic_write', 'parse_set', 'load_config',
-           'save_config']
+__all__ = ['Pair', 'RANGES', 'RENAMED', 'SHORT_RUN', 'PRESETS', 'SALIENCY_METHODS', 'DataConfig', 'ViewsConfig', 'EncoderConfig',
+           'HeadConfig', 'LossConfig', 'TargetConfig', 'OptimConfig', 'TrainConfig', 'EvalConfig', 'RunConfig',
+           'ConfigError', 'coerce', 'check_range', 'update', 'to_dict', 'preset', 'atomic_write', 'parse_set',
+           'load_config', 'save_config']
 
 # %% ../nbs/00_config.ipynb #cb0670b3
 @dataclass
@@ -418,3 +418,6 @@ def save_config(cfg: RunConfig, path: str | Path) -> Path:
         text = yaml.safe_dump(d, sort_keys=False)
     else: text = json.dumps(d, indent=2) + "\n"
     return atomic_write(path, text)
+
+# %% ../nbs/00_config.ipynb #cd116aa6
+SALIENCY_METHODS = ("spectral", "frequency", "border", "fusion", "deepusps")  # relicv2.saliency.METHODS, each explained there

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm  # a console bar: the command's, also when called from a notebook
 
-from .config import atomic_write
+from .config import SALIENCY_METHODS, atomic_write
 from .data import IMG_EXTENSIONS, CorruptImageError, ImageFolderMasked, SyntheticShapes, _decode
 
 # %% auto #0
@@ -32,7 +32,7 @@ __all__ = ['CLASSICAL', 'METHODS', 'MANIFEST', 'LOG', 'as_float_images', 'work_s
            'format_table', 'SaliencyUNet', 'deepusps_inputs', 'flip_inputs', 'deepusps_saliency', 'separability',
            'fit_round', 'train_deepusps', 'save_deepusps', 'load_deepusps', 'compute_saliency', 'masks_at_size',
            'evaluate_methods', 'evaluate_folder', 'list_images', 'check_folders', 'mask_path', 'save_png_atomic',
-           'write_masks', 'saliency_parser', 'load_training_images', 'saliency_main']
+           'write_masks', 'load_training_images', 'saliency_command']
 
 # %% ../nbs/03_saliency.ipynb #777b8f9f
 def as_float_images(images: Tensor,  # (B, 3 or 1, H, W) uint8, or float in [0, 1]
@@ -489,7 +489,7 @@ def load_deepusps(path, device=None) -> SaliencyUNet:
     return model.to(device if device is not None else "cpu").eval()
 
 # %% ../nbs/03_saliency.ipynb #4ee34685
-METHODS = ("spectral", "frequency", "border", "fusion", "deepusps")
+METHODS = SALIENCY_METHODS  # the names live in relicv2.config, so that `relicv2-saliency --help` needs no torch
 
 def compute_saliency(images: Tensor,  # (B, 3 or 1, H, W) uint8 or float in [0, 1]
                      method: str,  # one of METHODS
@@ -687,34 +687,6 @@ def write_masks(input_root,  # ImageFolder tree (any layout: every image under i
             bar.update(len(chunk))
     return _summary(dst, rels, done, written, len(unreadable))
 
-# %% ../nbs/03_saliency.ipynb #8c1d88d4
-def saliency_parser() -> argparse.ArgumentParser:
-    "The argument parser of `relicv2-saliency`."
-    p = argparse.ArgumentParser(prog="relicv2-saliency", description="Unsupervised saliency masks for an ImageFolder tree, "
-                                "DeepUSPS-lite training, and evaluation against reference masks.")
-    p.add_argument("input", nargs="?", help="ImageFolder root (every image under it gets a mask)")
-    p.add_argument("output", nargs="?", help="root of the mask tree to write (outside the input folder)")
-    p.add_argument("--method", default="border", help=f"one of {', '.join(METHODS)} (default: border)")
-    p.add_argument("--weights", default=None, metavar="FILE", help="DeepUSPS-lite weights: read by --method deepusps, written by --train-on")
-    p.add_argument("--train-on", default=None, metavar="DATA", help="train DeepUSPS-lite on the images of DATA ('synthetic' or a folder); no labels or masks are read")
-    p.add_argument("--train-images", type=int, default=3000, metavar="N", help="at most N training images (default 3000)")
-    p.add_argument("--epochs", type=int, default=8, help="epochs of the first fit (default 8)")
-    p.add_argument("--rounds", type=int, default=1, help="self-training rounds (default 1)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--evaluate", default=None, metavar="MASKS", help="reference masks for INPUT ('synthetic': the synthetic test split); prints a table")
-    p.add_argument("--methods", default=None, help="comma-separated methods for --evaluate (default: all available)")
-    p.add_argument("--split", default=None, help="sub-folder of INPUT and MASKS to evaluate")
-    p.add_argument("--results", default=None, metavar="FILE", help="also write the --evaluate table (and the training settings) to this JSON file")
-    p.add_argument("--size", type=int, default=64, help="working resolution in pixels (default 64)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--threshold", default="otsu", help="'otsu', 'adaptive' or a number in [0, 1)")
-    p.add_argument("--clean", type=int, default=3, help="clean-up structuring element, odd (1 = none)")
-    p.add_argument("--min-coverage", type=float, default=0.01, help="no mask below this foreground fraction")
-    p.add_argument("--max-coverage", type=float, default=0.95, help="no mask above this foreground fraction")
-    p.add_argument("--device", default="auto", help="'auto' (cuda if present), 'cpu', 'cuda', ...")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
-
 # %% ../nbs/03_saliency.ipynb #c23e2caf
 def load_training_images(data: str, n: int = 3000, size: int = 64, seed: int = 0) -> Tensor:
     "Unlabeled training images (N, 3, size, size) uint8: 'synthetic' or an image folder."
@@ -741,7 +713,10 @@ def _threshold_arg(s: str):
     try: return float(s)
     except ValueError: raise ValueError(f"--threshold must be 'otsu', 'adaptive' or a number in [0, 1), got {s!r}") from None
 
-def _run(args, argv: list[str]) -> int:
+def saliency_command(args: argparse.Namespace,  # parsed by `relicv2.cli.saliency_parser`
+                     argv: list[str],  # the arguments as given, recorded with the results
+                    ) -> int:  # exit code
+    "What `relicv2-saliency` does with its parsed arguments: train, evaluate, write masks (bad input raises ValueError)."
     if args.input and not args.output and not args.evaluate: raise ValueError("missing OUTPUT: the folder to write the masks into")
     if not (args.train_on or args.evaluate or args.output):
         raise ValueError("nothing to do: give INPUT OUTPUT to write masks, --train-on DATA to train, or --evaluate MASKS")
@@ -788,12 +763,3 @@ def _run(args, argv: list[str]) -> int:
         print(f"relicv2-saliency: {s['images']} images: {s['masks']} masks ({s['written']} written now), {s['no_mask']} without a mask, "
               f"{s['unreadable']} unreadable; mean foreground fraction {s['mean_foreground']:.3f}; masks in {args.output}")
     return 0
-
-def saliency_main(argv: Optional[list[str]] = None) -> int:
-    "Entry point of `relicv2-saliency`."
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = saliency_parser().parse_args(argv)
-    try: return _run(args, argv)
-    except (ValueError, TypeError, FileNotFoundError) as e:  # bad input: one line, exit 2
-        print(f"relicv2-saliency: error: {e}", file=sys.stderr)
-        return 2

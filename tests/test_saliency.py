@@ -13,7 +13,8 @@ from relicv2.data import ImageFolderMasked, SyntheticShapes
 from relicv2.saliency import (CLASSICAL, LOG, MANIFEST, METHODS, SaliencyMeter, SaliencyUNet, binarize, clean_mask,
                               compute_saliency, deepusps_saliency, evaluate_methods, fbeta_adaptive, fbeta_max,
                               iou_score, load_deepusps, mae_score, masks_at_size, otsu_threshold, pr_curves,
-                              saliency_main, saliency_to_mask, save_deepusps, train_deepusps, write_masks)
+                              saliency_to_mask, save_deepusps, train_deepusps, write_masks)
+from relicv2.cli import saliency_main
 
 ALL = [*CLASSICAL, "fusion"]
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision 0.29+ on its io functions
@@ -328,7 +329,7 @@ def test_bad_write_arguments(synth, tmp_path):
 # ---------------------------------------------------------------- the command line
 
 def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-c", "import sys; from relicv2.saliency import saliency_main; sys.exit(saliency_main())",
+    return subprocess.run([sys.executable, "-c", "import sys; from relicv2.cli import saliency_main; sys.exit(saliency_main())",
                            *map(str, args)], capture_output=True, text=True, timeout=120, cwd=cwd)
 
 
