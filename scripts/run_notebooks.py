@@ -6,9 +6,11 @@
     python scripts/run_notebooks.py --check [NB ...]  run each under IN_TEST (nbdev_test's short path) in a real
                                                       kernel, write nothing, and fail if a cell's text output differs
                                                       from the committed one
+    python scripts/run_notebooks.py --check --no-compare   the same, failing only when a cell raises (what CI runs:
+                                                      printed floats can differ in their last digits between CPUs)
 
 `--check` compares the text a cell prints or returns (images are not compared). A cell whose output cannot repeat
-(timings, temporary paths, a short run under IN_TEST that prints other numbers than the full one) says so with a
+(timings, machine counters, a short run under IN_TEST that prints other numbers than the full one) says so with a
 first line `# output varies: <why>`; its output is not compared. Each notebook's wall time is printed.
 """
 import argparse
@@ -67,6 +69,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("notebooks", nargs="*", help="notebooks to run (default: every nbs/*.ipynb)")
     p.add_argument("--check", action="store_true", help="run under IN_TEST and compare text outputs; write nothing")
+    p.add_argument("--no-compare", action="store_true", help="with --check: fail only on errors, do not compare outputs")
     p.add_argument("--timeout", type=int, default=1800, help="seconds a cell may run (default 1800)")
     args = p.parse_args(argv)
     import nbformat
@@ -80,7 +83,9 @@ def main(argv=None) -> int:
             print(f"{path.name}: FAILED after {time.perf_counter() - t0:.0f} s: {str(e).strip().splitlines()[-1][:500]}", flush=True)
             failed.append(path.name); continue
         took = time.perf_counter() - t0
-        if args.check:
+        if args.check and args.no_compare:
+            print(f"{path.name}: ran in {took:.0f} s in a real kernel", flush=True)
+        elif args.check:
             diffs = differences(nbformat.read(path, as_version=4), executed)
             print(f"{path.name}: ran in {took:.0f} s" + (f", {len(diffs)} cell(s) differ from the committed outputs:" if diffs else ", outputs match"), flush=True)
             for d in diffs: print("  " + d)

@@ -51,3 +51,22 @@ def test_console_scripts_resolve_and_answer_help():
         if exe is None: continue
         r = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
         assert r.returncode == 0 and f"usage: {name}" in r.stdout, (name, r.stderr[-500:])
+
+
+def test_notebook_output_check_catches_changes_and_skips_marked_cells():
+    import nbformat
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import run_notebooks
+
+    def nb(*cells):
+        book = nbformat.v4.new_notebook()
+        for src, text in cells:
+            c = nbformat.v4.new_code_cell(src); c.outputs = [nbformat.v4.new_output("stream", name="stdout", text=text)]
+            book.cells.append(c)
+        return book
+    committed = nb(("print(1)", "1\n"), ("# output varies: a timing\nprint(t)", "3 s\n"), ("print(2)", "2\n"))
+    same = nb(("print(1)", "1\n"), ("# output varies: a timing\nprint(t)", "4 s\n"), ("print(2)", "2\n"))
+    stale = nb(("print(1)", "1\n"), ("# output varies: a timing\nprint(t)", "3 s\n"), ("print(2)", "two\n"))
+    assert run_notebooks.differences(committed, same) == []
+    diffs = run_notebooks.differences(committed, stale)
+    assert len(diffs) == 1 and diffs[0].startswith("cell 2") and "'2' -> 'two'" in diffs[0], diffs
