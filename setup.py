@@ -35,8 +35,10 @@ setuptools.setup(
     include_package_data=True,
     python_requires=">=" + cfg["min_python"],
     install_requires=cfg["requirements"].split(),
-    extras_require={"dev": cfg["dev_requirements"].split() + cfg["bench_requirements"].split(),
-                    "bench": cfg["bench_requirements"].split()},
+    extras_require={"dev": cfg["dev_requirements"].split() + cfg["bench_requirements"].split()
+                           + cfg["convert_requirements"].split(),
+                    "bench": cfg["bench_requirements"].split(),
+                    "convert": cfg["convert_requirements"].split()},  # only to check conversions against JAX itself
     entry_points={
         "console_scripts": cfg["console_scripts"].split(),
         "nbdev": [f"{cfg['lib_name']}={cfg['lib_name']}._modidx:d"],

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from .config import ConfigError, RunConfig, SALIENCY_METHODS, atomic_write, load_config, to_dict, PRESETS
+from .config import CONVERT_FORMATS, ConfigError, RunConfig, SALIENCY_METHODS, atomic_write, load_config, to_dict, PRESETS
 from .progress import ProgressArg
 
 # %% auto #0
 __all__ = ['config_parser', 'report', 'run_cli', 'export_encoder', 'evaluate_run', 'TrainedRun', 'accuracy_note',
            'train_and_evaluate', 'train_main', 'load_run_encoder', 'eval_main', 'load_weights', 'ablate_main',
-           'saliency_parser', 'saliency_main']
+           'saliency_parser', 'saliency_main', 'convert_parser', 'convert_main']
 
 # %% ../nbs/90_cli.ipynb #3e419218
 def config_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -76,25 +76,33 @@ def run_cli(prog: str,  # the command's name, printed before an error
 
 # %% ../nbs/90_cli.ipynb #0f8b7a3a
 def export_encoder(online, run_dir) -> Path:
-    "Save the online encoder: `encoder.pt` (weights + arch, width, stem) and `encoder_torchvision.pt` (a torchvision state dict)."
+    "Save the online encoder: `encoder.pt` (weights + arch, width, stem, padding, shortcut) and `encoder_torchvision.pt` (a torchvision state dict)."
     import torch
     run_dir = Path(run_dir)
     enc = online.encoder
     weights = {k: v.detach().cpu().contiguous() for k, v in enc.state_dict().items()}  # torchvision's names, no fc
-    torch.save({"arch": enc.arch, "width": enc.width, "small_stem": enc.small_stem, "state_dict": weights}, run_dir / "encoder.pt")
+    torch.save({"arch": enc.arch, "width": enc.width, "small_stem": enc.small_stem, "padding": enc.padding,
+                "shortcut": enc.shortcut, "state_dict": weights}, run_dir / "encoder.pt")
     # loads strictly into torchvision.models.<arch>() (fc = Identity) at width 1 with the standard stem,
     # and into relicv2.encoder.torchvision_resnet(arch, width, small_stem) for any encoder
     torch.save(weights, run_dir / "encoder_torchvision.pt")
     return run_dir / "encoder.pt"
 
-def evaluate_run(cfg: RunConfig, online, progress: ProgressArg = False, baselines: bool = True) -> dict:
-    "kNN and linear accuracy of the trained encoder, after the raw-pixel and random-init baselines (the floor)."
+def evaluate_run(cfg: RunConfig,  # the run's config: data, evaluation settings, and the baselines' encoder shape
+                 encoder,  # the frozen encoder to evaluate (e.g. `online.encoder`)
+                 progress: ProgressArg = False,  # as in `fit`
+                 baselines: bool = True,  # evaluate raw pixels and the random-init encoder first (the floor)
+                 name: str = "trained",  # the encoder's row in the table
+                 splits: Optional[tuple[str, ...]] = None,  # test splits (default: every split but train)
+                ) -> dict:
+    "kNN and linear accuracy of `encoder`, after the raw-pixel and random-init baselines: {row: {split: metrics}}."
     from relicv2.evaluate import BASELINES, baseline_encoder, evaluate_from_config
-    dev = next(online.parameters()).device
-    rows = {b.replace("-", " "): evaluate_from_config(baseline_encoder(b, cfg).to(dev), cfg, progress=progress,
-                                                      name=f"evaluating the {b} baseline")
+    dev = next(encoder.parameters()).device
+    rows = {b.replace("-", " "): evaluate_from_config(baseline_encoder(b, cfg).to(dev), cfg, splits=splits,
+                                                      progress=progress, name=f"evaluating the {b} baseline")
             for b in (BASELINES if baselines else ())}
-    return {**rows, "trained": evaluate_from_config(online.encoder, cfg, progress=progress, name="evaluating the trained encoder")}
+    what = "the trained encoder" if name == "trained" else name
+    return {**rows, name: evaluate_from_config(encoder, cfg, splits=splits, progress=progress, name=f"evaluating {what}")}
 
 # %% ../nbs/90_cli.ipynb #7cb08efd
 @dataclass
@@ -140,7 +148,7 @@ def train_and_evaluate(cfg: RunConfig,  # the whole run, e.g. `preset("demo")`
     if res.final_loss != res.final_loss and stored.exists():  # nan: no step ran now, the run had finished before
         out.results, out.stored = json.loads(stored.read_text()), True
     else:
-        out.results = evaluate_run(cfg, res.online, progress=progress, baselines=baselines)
+        out.results = evaluate_run(cfg, res.online.encoder, progress=progress, baselines=baselines)
         atomic_write(stored, json.dumps(out.results, indent=2) + "\n")
     return out
 
@@ -190,14 +198,12 @@ def load_run_encoder(run_dir: str | Path, overrides: list[str] | None = None):
     cfg = load_config(None, run_dir / "config.yaml", overrides)
     state = load_checkpoint(ckpts[-1])
     e = cfg.encoder
-    enc = resnet(e.arch, e.width, e.small_stem, channels_last=e.channels_last)
+    enc = resnet(e.arch, e.width, e.small_stem, channels_last=e.channels_last, padding=e.padding, shortcut=e.shortcut)
     enc.load_state_dict({k[len("encoder."):]: v for k, v in state["online"].items() if k.startswith("encoder.")})
     return enc, cfg
 
 def _eval(args: argparse.Namespace, cfg: RunConfig) -> int:
-    import torch
-    from relicv2.encoder import resnet
-    from relicv2.evaluate import BASELINES, baseline_encoder, evaluate_from_config, format_table
+    from relicv2.evaluate import format_table
     from relicv2.distributed import resolve_device
     if (args.run_dir is None) == (args.weights is None): raise ConfigError("give a run directory or --weights FILE (one of them)")
     if args.run_dir is not None:
@@ -208,11 +214,8 @@ def _eval(args: argparse.Namespace, cfg: RunConfig) -> int:
     dev = resolve_device(cfg.train.device)
     splits = tuple(args.splits.split(",")) if args.splits else None
     progress = False if args.no_progress else None
-    rows = {} if args.no_baselines else {  # the floor: the same evaluation of raw pixels and of the run's random init
-        b.replace("-", " "): evaluate_from_config(baseline_encoder(b, cfg).to(dev), cfg, splits=splits, progress=progress,
-                                                  name=f"evaluating the {b} baseline")
-        for b in BASELINES}
-    rows[name] = evaluate_from_config(enc.to(dev), cfg, splits=splits, progress=progress, name=f"evaluating {name}")
+    # the floor first: the same evaluation of raw pixels and of the run's random init
+    rows = evaluate_run(cfg, enc.to(dev), progress, baselines=not args.no_baselines, name=name, splits=splits)
     print(format_table(rows)); print(accuracy_note(_n_classes(cfg)))
     return 0
 
@@ -220,7 +223,8 @@ def eval_main(argv: list[str] | None = None) -> int:
     "Entry point of `relicv2-eval`."
     parser = config_parser("relicv2-eval", "kNN and linear evaluation of a trained encoder on frozen features.")
     parser.add_argument("run_dir", nargs="?", default=None, help="a run directory written by relicv2-train")
-    parser.add_argument("--weights", default=None, metavar="FILE", help="a torchvision-format encoder state dict instead of a run")
+    parser.add_argument("--weights", default=None, metavar="FILE", help="instead of a run: encoder.pt, encoder_torchvision.pt (or any torchvision ResNet state dict), "
+                        "or what relicv2-convert wrote")
     parser.add_argument("--splits", default=None, metavar="A,B", help="test splits (default: every split but train)")
     parser.add_argument("--no-baselines", action="store_true", help="skip the raw-pixel and random-init rows")
     return run_cli("relicv2-eval", _eval, parser, argv)
@@ -239,12 +243,14 @@ def load_weights(path: str | Path,  # encoder.pt, encoder_torchvision.pt or any 
         raise ConfigError(f"--weights {str(path)!r} cannot be read as a weights file ({type(e).__name__}); "
                           "give encoder.pt or encoder_torchvision.pt from a run directory") from None
     e = cfg.encoder
-    if isinstance(obj, dict) and {"arch", "width", "small_stem", "state_dict"} <= set(obj):  # encoder.pt
-        shape, weights = (obj["arch"], obj["width"], obj["small_stem"]), obj["state_dict"]
+    if isinstance(obj, dict) and {"arch", "width", "small_stem", "state_dict"} <= set(obj):  # encoder.pt, relicv2-convert
+        shape = (obj["arch"], obj["width"], obj["small_stem"], obj.get("padding", "torch"), obj.get("shortcut", "when_needed"))
+        weights = obj["state_dict"]
     elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        shape, weights = (e.arch, e.width, e.small_stem), {k: v for k, v in obj.items() if not k.startswith("fc.")}
+        shape = (e.arch, e.width, e.small_stem, e.padding, e.shortcut)
+        weights = {k: v for k, v in obj.items() if not k.startswith("fc.")}
     else: raise ConfigError(f"--weights {str(path)!r} holds neither an encoder.pt (arch, width, state_dict) nor a state dict of tensors")
-    enc = resnet(*shape, channels_last=e.channels_last)
+    enc = resnet(*shape[:3], channels_last=e.channels_last, padding=shape[3], shortcut=shape[4])
     want = enc.state_dict()
     missing, extra = [k for k in want if k not in weights], [k for k in weights if k not in want]
     shapes = [k for k in want if k in weights and weights[k].shape != want[k].shape]
@@ -325,3 +331,38 @@ def saliency_main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as e:  # bad input: one line, exit 2
         print(f"relicv2-saliency: error: {e}", file=sys.stderr)
         return 2
+
+# %% ../nbs/90_cli.ipynb #cfa71f2f
+def convert_parser() -> argparse.ArgumentParser:
+    "The argument parser of `relicv2-convert` (building it imports no torch)."
+    p = argparse.ArgumentParser(prog="relicv2-convert", description="Convert a released ReLICv2 (or BYOL) checkpoint, "
+                                "a JAX/Haiku pickle, into PyTorch weights; nothing in the file is run.")
+    p.add_argument("checkpoint", help="the .pkl file (linked from the README of google-deepmind/relicv2)")
+    p.add_argument("out", help="the .pt file to write (atomically)")
+    p.add_argument("--format", choices=CONVERT_FORMATS, default="auto",
+                   help="torchvision: a state dict that torchvision.models.resnet50/101/152 load strictly (fc = "
+                        "Identity); relicv2: encoder.pt (arch, width, padding, shortcut, state_dict), which "
+                        "relicv2-eval --weights reads; auto (default): torchvision where it has the shape")
+    return p
+
+def convert_main(argv: list[str] | None = None) -> int:
+    "Entry point of `relicv2-convert`."
+    args = convert_parser().parse_args(argv)
+    try:
+        from relicv2.pretrained import convert_checkpoint, save_converted
+        conv = convert_checkpoint(args.checkpoint)
+        fmt = save_converted(conv, args.out, args.format)
+    except Exception as e:
+        code = report("relicv2-convert", e)
+        if code is None: raise
+        return code
+    step = "" if conv.step is None else f", step {conv.step}"
+    print(f"{args.checkpoint}: {conv.arch} at width {conv.width:g} (shortcut={conv.shortcut}{step}), "
+          f"{len(conv.state_dict)} tensors -> {args.out} ({fmt} format)")
+    if conv.left_out: print(f"left out (not the encoder): {', '.join(conv.left_out)}")
+    if fmt == "torchvision":
+        print(f"load: m = torchvision.models.{conv.arch}(); m.fc = torch.nn.Identity(); "
+              f"m.load_state_dict(torch.load({args.out!r}, weights_only=True)); relicv2.encoder.same_padding(m) "
+              "gives Haiku's features exactly (relicv2-eval --weights: add --set encoder.padding=same)")
+    else: print(f"load: relicv2.pretrained.load_converted({args.out!r}), or relicv2-eval --weights {args.out}")
+    return 0

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
 # %% auto #0
-__all__ = ['Pair', 'RANGES', 'RENAMED', 'SHORT_RUN', 'PRESETS', 'SALIENCY_METHODS', 'DataConfig', 'ViewsConfig', 'EncoderConfig',
-           'HeadConfig', 'LossConfig', 'TargetConfig', 'OptimConfig', 'TrainConfig', 'EvalConfig', 'RunConfig',
-           'ConfigError', 'coerce', 'check_range', 'update', 'to_dict', 'preset', 'atomic_write', 'parse_set',
-           'load_config', 'save_config']
+__all__ = ['Pair', 'RANGES', 'RENAMED', 'SHORT_RUN', 'PRESETS', 'SALIENCY_METHODS', 'CONVERT_FORMATS', 'DataConfig',
+           'ViewsConfig', 'EncoderConfig', 'HeadConfig', 'LossConfig', 'TargetConfig', 'OptimConfig', 'TrainConfig',
+           'EvalConfig', 'RunConfig', 'ConfigError', 'coerce', 'check_range', 'update', 'to_dict', 'preset',
+           'atomic_write', 'parse_set', 'load_config', 'save_config']
 
 # %% ../nbs/00_config.ipynb #cb0670b3
 @dataclass
@@ -70,6 +70,8 @@ class EncoderConfig:
     small_stem: bool = False  # [R] 3x3 conv stem without max-pool, for 32-64 px images
     zero_init_residual: bool = False  # [R] zero-init the last BN gamma of each block
     channels_last: bool = False  # memory format for convolutions (faster on recent GPUs)
+    padding: Literal["torch", "same"] = "torch"  # [B] same: Haiku's 'SAME' before stride-2 layers, as DeepMind's weights need
+    shortcut: Literal["when_needed", "every_stage"] = "when_needed"  # [B] every_stage: DeepMind's ResNet-18/34 projections
 
 @dataclass
 class HeadConfig:
@@ -421,3 +423,4 @@ def save_config(cfg: RunConfig, path: str | Path) -> Path:
 
 # %% ../nbs/00_config.ipynb #cd116aa6
 SALIENCY_METHODS = ("spectral", "frequency", "border", "fusion", "deepusps")  # relicv2.saliency.METHODS, each explained there
+CONVERT_FORMATS = ("auto", "torchvision", "relicv2")  # what relicv2-convert writes (relicv2.pretrained.save_converted)

@@ -6,19 +6,23 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
 
 from .config import EncoderConfig, HeadConfig
 
 # %% auto #0
-__all__ = ['ARCHS', 'TORCHVISION_ARCHS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'conv3x3', 'conv1x1', 'batch_norm', 'shortcut',
-           'BasicBlock', 'Bottleneck', 'scaled', 'check_encoder_args', 'make_stage', 'make_stem', 'init_weights',
-           'check_images', 'ResNet', 'resnet', 'export_torchvision', 'torchvision_resnet', 'MLPHead',
-           'multicrop_forward', 'OnlineNetwork', 'TargetNetwork', 'build_networks']
+__all__ = ['ARCHS', 'TORCHVISION_ARCHS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'PADDINGS', 'SHORTCUTS', 'conv3x3', 'conv1x1',
+           'batch_norm', 'shortcut', 'BasicBlock', 'Bottleneck', 'scaled', 'check_encoder_args', 'make_stage',
+           'make_stem', 'same_pads', 'SameConv2d', 'SameMaxPool2d', 'same_padding', 'init_weights', 'check_images',
+           'ResNet', 'resnet', 'export_torchvision', 'torchvision_resnet', 'MLPHead', 'multicrop_forward',
+           'OnlineNetwork', 'TargetNetwork', 'build_networks']
 
 # %% ../nbs/04_encoder.ipynb #6c6c813d
 def conv3x3(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
@@ -33,21 +37,21 @@ def batch_norm(c: int) -> nn.BatchNorm2d:
     "BatchNorm2d with eps 1e-5 and momentum 0.1 (Haiku: decay 0.9)."
     return nn.BatchNorm2d(c, eps=1e-5, momentum=0.1)
 
-def shortcut(c_in: int, c_out: int, stride: int) -> nn.Sequential | None:
-    "Projection shortcut (1x1 conv + BN) when the shape changes, else None (identity)."
-    if stride == 1 and c_in == c_out: return None
+def shortcut(c_in: int, c_out: int, stride: int, projection: bool = False) -> nn.Sequential | None:
+    "Projection shortcut (1x1 conv + BN) when the shape changes or `projection` is set, else None (identity)."
+    if stride == 1 and c_in == c_out and not projection: return None
     return nn.Sequential(conv1x1(c_in, c_out, stride), batch_norm(c_out))
 
 # %% ../nbs/04_encoder.ipynb #447c0974
 class BasicBlock(nn.Module):
     "Two 3x3 convolutions plus a shortcut: the block of ResNet-18/34."
     expansion = 1
-    def __init__(self, c_in: int, width: int, stride: int = 1):
+    def __init__(self, c_in: int, width: int, stride: int = 1, projection: bool = False):
         super().__init__()
         self.conv1, self.bn1 = conv3x3(c_in, width, stride), batch_norm(width)
         self.relu = nn.ReLU(inplace=True)
         self.conv2, self.bn2 = conv3x3(width, width), batch_norm(width)
-        self.downsample = shortcut(c_in, width, stride)
+        self.downsample = shortcut(c_in, width, stride, projection)
 
     @property
     def last_bn(self) -> nn.BatchNorm2d: return self.bn2
@@ -61,13 +65,13 @@ class BasicBlock(nn.Module):
 class Bottleneck(nn.Module):
     "1x1 -> 3x3 (strided) -> 1x1 convolutions plus a shortcut: the block of ResNet-50 and deeper."
     expansion = 4
-    def __init__(self, c_in: int, width: int, stride: int = 1):
+    def __init__(self, c_in: int, width: int, stride: int = 1, projection: bool = False):
         super().__init__()
         self.conv1, self.bn1 = conv1x1(c_in, width), batch_norm(width)
         self.conv2, self.bn2 = conv3x3(width, width, stride), batch_norm(width)  # v1.5: stride on the 3x3
         self.conv3, self.bn3 = conv1x1(width, width * 4), batch_norm(width * 4)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = shortcut(c_in, width * 4, stride)
+        self.downsample = shortcut(c_in, width * 4, stride, projection)
 
     @property
     def last_bn(self) -> nn.BatchNorm2d: return self.bn3
@@ -95,17 +99,24 @@ def scaled(channels: int, width: float) -> int:
     "`channels * width`, rounded, at least 1."
     return max(1, int(round(channels * width)))
 
-def check_encoder_args(arch: str, width: float):
-    "Raise a ValueError naming `arch` or `width` and the allowed values."
+PADDINGS = ("torch", "same")  # symmetric padding, or TensorFlow/Haiku's 'SAME'
+SHORTCUTS = ("when_needed", "every_stage")  # projection where the shape changes, or on every stage's first block
+
+def check_encoder_args(arch: str, width: float, padding: str = "torch", shortcut: str = "when_needed"):
+    "Raise a ValueError naming the argument and the allowed values."
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {', '.join(ARCHS)}; got {arch!r}")
     if isinstance(width, bool) or not isinstance(width, (int, float)) or not math.isfinite(width) or width <= 0:
         raise ValueError(f"width must be a finite number > 0 (e.g. 0.0625, 0.25, 1, 2, 4); got {width!r}")
+    if padding not in PADDINGS: raise ValueError(f"padding must be one of {', '.join(PADDINGS)}; got {padding!r}")
+    if shortcut not in SHORTCUTS: raise ValueError(f"shortcut must be one of {', '.join(SHORTCUTS)}; got {shortcut!r}")
 
 # %% ../nbs/04_encoder.ipynb #41ba178d
-def make_stage(block: type, c_in: int, width: int, n_blocks: int, stride: int) -> nn.Sequential:
+def make_stage(block: type, c_in: int, width: int, n_blocks: int, stride: int,
+               projection: bool = False,  # a projection shortcut on the first block even where the shape stays
+              ) -> nn.Sequential:
     "`n_blocks` residual blocks of inner width `width`; the first one strides."
-    blocks = [block(c_in, width, stride)]
+    blocks = [block(c_in, width, stride, projection)]
     blocks += [block(width * block.expansion, width) for _ in range(n_blocks - 1)]
     return nn.Sequential(*blocks)
 
@@ -113,6 +124,36 @@ def make_stem(c_out: int, small_stem: bool) -> tuple[nn.Conv2d, nn.Module]:
     "The first convolution and the pooling after it: (7x7/2 conv, 3x3/2 max-pool) or (3x3/1 conv, identity)."
     if small_stem: return nn.Conv2d(3, c_out, 3, stride=1, padding=1, bias=False), nn.Identity()
     return nn.Conv2d(3, c_out, 7, stride=2, padding=3, bias=False), nn.MaxPool2d(3, stride=2, padding=1)
+
+# %% ../nbs/04_encoder.ipynb #cafd4194
+def same_pads(n: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:
+    "The padding (before, after) that TensorFlow/Haiku's 'SAME' puts on an axis of `n` pixels."
+    total = max((math.ceil(n / stride) - 1) * stride + (kernel - 1) * dilation + 1 - n, 0)
+    return total // 2, total - total // 2
+
+def _pad_same(x: Tensor, kernel, stride, dilation, value: float = 0.0) -> Tensor:
+    (kh, kw), (sh, sw), (dh, dw) = _pair(kernel), _pair(stride), _pair(dilation)
+    (top, bottom), (left, right) = same_pads(x.shape[-2], kh, sh, dh), same_pads(x.shape[-1], kw, sw, dw)
+    return F.pad(x, (left, right, top, bottom), value=value)
+
+class SameConv2d(nn.Conv2d):
+    "A Conv2d with 'SAME' padding, computed from each input's size (its own `padding` is 0)."
+    def forward(self, x: Tensor) -> Tensor:
+        x = _pad_same(x, self.kernel_size, self.stride, self.dilation)
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+class SameMaxPool2d(nn.MaxPool2d):
+    "A MaxPool2d with 'SAME' padding by -inf (which never wins a max), computed from each input's size."
+    def forward(self, x: Tensor) -> Tensor:
+        x = _pad_same(x, self.kernel_size, self.stride, self.dilation, float("-inf"))
+        return F.max_pool2d(x, self.kernel_size, self.stride, 0, self.dilation, self.ceil_mode)
+
+def same_padding(model: nn.Module) -> nn.Module:
+    "Give every strided `Conv2d` and `MaxPool2d` in `model` Haiku's 'SAME' padding, in place; returns `model`."
+    for m in model.modules():
+        if type(m) is nn.Conv2d and max(m.stride) > 1: m.__class__, m.padding = SameConv2d, (0, 0)
+        elif type(m) is nn.MaxPool2d and max(_pair(m.stride)) > 1: m.__class__, m.padding = SameMaxPool2d, 0
+    return model
 
 # %% ../nbs/04_encoder.ipynb #c52b3585
 def init_weights(model: nn.Module, zero_init_residual: bool = False):
@@ -139,10 +180,13 @@ class ResNet(nn.Module):
                  width: float = 1.0,  # multiplier on every layer's channels, stem included (DeepMind's)
                  small_stem: bool = False,  # 3x3/1 conv and no max-pool, for 16-64 px images
                  zero_init_residual: bool = False,  # last BN scale of each block = 0 (block starts as identity)
-                 channels_last: bool = False):  # NHWC weights and inputs
+                 channels_last: bool = False,  # NHWC weights and inputs
+                 padding: str = "torch",  # "torch" (symmetric) or "same" (Haiku's, to reproduce DeepMind's weights)
+                 shortcut: str = "when_needed"):  # or "every_stage" (DeepMind's ResNet-18/34)
         super().__init__()
-        check_encoder_args(arch, width)
+        check_encoder_args(arch, width, padding, shortcut)
         self.arch, self.width, self.small_stem, self.channels_last = arch, width, small_stem, channels_last
+        self.padding, self.shortcut = padding, shortcut
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         block, depths = ARCHS[arch]
@@ -151,11 +195,12 @@ class ResNet(nn.Module):
         self.bn1, self.relu = batch_norm(c), nn.ReLU(inplace=True)
         for i, n in enumerate(depths):
             inner = scaled(64 * 2**i, width)
-            setattr(self, f"layer{i + 1}", make_stage(block, c, inner, n, stride=1 if i == 0 else 2))
+            setattr(self, f"layer{i + 1}", make_stage(block, c, inner, n, 1 if i == 0 else 2, shortcut == "every_stage"))
             c = inner * block.expansion
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.feat_dim = c  # 512*w (basic blocks) or 2048*w (bottlenecks)
         init_weights(self, zero_init_residual)
+        if padding == "same": same_padding(self)
         if channels_last: self.to(memory_format=torch.channels_last)
 
     def normalize(self, x: Tensor) -> Tensor:
@@ -171,7 +216,9 @@ class ResNet(nn.Module):
         return torch.flatten(self.avgpool(x), 1)
 
     def extra_repr(self) -> str:
-        return f"arch={self.arch!r}, width={self.width}, small_stem={self.small_stem}, feat_dim={self.feat_dim}"
+        extra = "".join(f", {k}={getattr(self, k)!r}" for k, d in (("padding", "torch"), ("shortcut", "when_needed"))
+                        if getattr(self, k) != d)
+        return f"arch={self.arch!r}, width={self.width}, small_stem={self.small_stem}{extra}, feat_dim={self.feat_dim}"
 
 # %% ../nbs/04_encoder.ipynb #6923cd6c
 def resnet(arch: str = "resnet50",  # resnet18, resnet34, resnet50, resnet101, resnet152 or resnet200
@@ -179,9 +226,11 @@ def resnet(arch: str = "resnet50",  # resnet18, resnet34, resnet50, resnet101, r
            small_stem: bool = False,  # 3x3/1 stem without max-pool, for 16-64 px images
            zero_init_residual: bool = False,  # zero the last BN scale of each block
            channels_last: bool = False,  # NHWC memory format for weights and inputs
+           padding: str = "torch",  # "torch" or "same" (Haiku's padding before stride-2 layers)
+           shortcut: str = "when_needed",  # or "every_stage" (a projection on each stage's first block)
           ) -> ResNet:
     "A ResNet encoder; the arguments are exactly `EncoderConfig`'s fields."
-    return ResNet(arch, width, small_stem, zero_init_residual, channels_last)
+    return ResNet(arch, width, small_stem, zero_init_residual, channels_last, padding, shortcut)
 
 # %% ../nbs/04_encoder.ipynb #dff43bfa
 def export_torchvision(encoder: ResNet) -> dict[str, Tensor]:
@@ -194,6 +243,9 @@ def export_torchvision(encoder: ResNet) -> dict[str, Tensor]:
         raise ValueError(f"encoder.width must be 1 for torchvision (its wide_resnet widens differently); got {encoder.width}")
     if encoder.small_stem:
         raise ValueError("encoder.small_stem must be False for torchvision (it only has the 7x7/2 stem); got True")
+    if encoder.shortcut == "every_stage" and ARCHS[encoder.arch][0] is BasicBlock:
+        raise ValueError("encoder.shortcut must be 'when_needed' for torchvision's resnet18/34 (every_stage adds "
+                         "layer1.0.downsample); got 'every_stage': use torchvision_resnet(..., shortcut='every_stage')")
     return {k: v.detach().clone().contiguous() for k, v in encoder.state_dict().items()}
 
 # %% ../nbs/04_encoder.ipynb #0342f71a
@@ -201,21 +253,26 @@ def torchvision_resnet(arch: str = "resnet50",  # one of ARCHS (resnet200 includ
                        width: float = 1.0,  # our width multiplier
                        small_stem: bool = False,  # our 3x3 stem without max-pool
                        state_dict: dict | None = None,  # weights to load strictly, e.g. `encoder.state_dict()`
+                       padding: str = "torch",  # "same": Haiku's padding (`same_padding`) on the stride-2 layers
+                       shortcut: str = "when_needed",  # "every_stage": a projection on each stage's first block
                       ) -> nn.Module:
-    "A `torchvision.models.resnet.ResNet` (fc = Identity) shaped like `resnet(arch, width, small_stem)`."
+    "A `torchvision.models.resnet.ResNet` (fc = Identity) shaped like `resnet(arch, width, small_stem, ...)`."
     import torchvision.models.resnet as tvr
-    check_encoder_args(arch, width)
+    check_encoder_args(arch, width, padding, shortcut)
     block, depths = ARCHS[arch]
     tv = tvr.ResNet(tvr.BasicBlock if block is BasicBlock else tvr.Bottleneck, list(depths))
     tv.fc = nn.Identity()
-    with torch.device("meta"): ref = resnet(arch, width, small_stem)
+    with torch.device("meta"): ref = resnet(arch, width, small_stem, shortcut=shortcut)
     for name, m in ref.named_modules():  # resize every conv and norm to ours (same names as torchvision's)
         parent, _, leaf = name.rpartition(".")
         holder = tv.get_submodule(parent) if parent else tv
-        if isinstance(m, nn.Conv2d):
+        if leaf == "downsample" and holder.downsample is None:  # every_stage: a projection torchvision lacks here
+            holder.downsample = nn.Sequential(nn.Identity(), nn.Identity())  # its two parts are made just below
+        elif isinstance(m, nn.Conv2d):
             setattr(holder, leaf, nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, bias=False))
         elif isinstance(m, nn.BatchNorm2d): setattr(holder, leaf, nn.BatchNorm2d(m.num_features, m.eps, m.momentum))
     if small_stem: tv.maxpool = nn.Identity()
+    if padding == "same": same_padding(tv)
     if state_dict is not None: tv.load_state_dict(state_dict, strict=True)
     return tv
 
@@ -298,8 +355,7 @@ class TargetNetwork(nn.Module):
 # %% ../nbs/04_encoder.ipynb #609d6f31
 def build_networks(encoder_cfg: EncoderConfig, head_cfg: HeadConfig) -> tuple[OnlineNetwork, TargetNetwork]:
     "The online network and its target copy, as configured."
-    enc = resnet(encoder_cfg.arch, encoder_cfg.width, encoder_cfg.small_stem,
-                 encoder_cfg.zero_init_residual, encoder_cfg.channels_last)
+    enc = resnet(**dataclasses.asdict(encoder_cfg))
     projector = MLPHead(enc.feat_dim, head_cfg.projector_hidden, head_cfg.projector_out)
     predictor = MLPHead(head_cfg.projector_out, head_cfg.predictor_hidden, head_cfg.projector_out)
     online = OnlineNetwork(enc, projector, predictor)

@@ -276,3 +276,44 @@ def test_torchvision_resnet_takes_any_encoder_strictly(arch, width, small_stem):
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(tv(enc.normalize(x)), enc(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel,stride", [(1, 2), (3, 1), (3, 2), (7, 2), (3, 3), (5, 2)])
+def test_same_padding_keeps_ceil_size_and_matches_explicit_pad(kernel, stride):
+    from relicv2.encoder import same_pads, same_padding
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, kernel, stride=stride, padding=kernel // 2, bias=True)
+    w, b = conv.weight.detach().clone(), conv.bias.detach().clone()
+    if stride > 1: same_padding(conv)
+    pool = same_padding(nn.MaxPool2d(kernel, stride, padding=kernel // 2 if kernel > 1 else 0))
+    for n in range(1, 20):
+        x = torch.randn(1, 2, n, n + 1)
+        (t, bo), (l, r) = same_pads(n, kernel, stride), same_pads(n + 1, kernel, stride)
+        assert t + bo == max((-(-n // stride) - 1) * stride + kernel - n, 0) and 0 <= bo - t <= 1
+        with torch.no_grad():
+            y = conv(x)
+            assert y.shape[-2:] == (-(-n // stride), -(-(n + 1) // stride))
+            torch.testing.assert_close(y, F.conv2d(F.pad(x, (l, r, t, bo)), w, b, stride))
+            if stride > 1:
+                torch.testing.assert_close(pool(x), F.max_pool2d(F.pad(x, (l, r, t, bo), value=float("-inf")), kernel, stride))
+
+
+def test_padding_and_shortcut_options_reach_the_network():
+    enc_cfg = EncoderConfig(arch="resnet18", width=0.125, padding="same", shortcut="every_stage")
+    online, target = build_networks(enc_cfg, HeadConfig(16, 8, 16))
+    from relicv2.encoder import SameConv2d, SameMaxPool2d
+    for enc in (online.encoder, target.encoder):
+        assert type(enc.conv1) is SameConv2d and type(enc.maxpool) is SameMaxPool2d
+        assert type(enc.layer2[0].conv1) is SameConv2d and type(enc.layer1[0].conv1) is nn.Conv2d  # stride 1 untouched
+        assert enc.layer1[0].downsample is not None
+    x = torch.rand(4, 3, 32, 32)
+    online(x).sum().backward()
+    assert online.encoder.conv1.weight.grad is not None and online.encoder.conv1.weight.grad.abs().sum() > 0
+    assert "padding='same'" in repr(online.encoder) and "shortcut='every_stage'" in repr(online.encoder)
+
+
+@pytest.mark.parametrize("kw,msg", [({"padding": "valid"}, "padding must be one of torch, same"),
+                                    ({"shortcut": "always"}, "shortcut must be one of when_needed, every_stage")])
+def test_bad_padding_or_shortcut(kw, msg):
+    with pytest.raises(ValueError, match=msg): resnet("resnet18", 0.0625, **kw)
