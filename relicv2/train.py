@@ -115,7 +115,8 @@ def _flat(d: dict, prefix="") -> dict:
 
 def check_resumable(saved: dict, cfg: RunConfig, path) -> None:
     "Refuse a checkpoint whose config differs from `cfg` where it matters; warn about other differences."
-    old, new = _flat(saved), _flat(to_dict(cfg))
+    # a field the library gained after the checkpoint was written counts as its default: the behaviour before it existed
+    old, new = {**_flat(to_dict(RunConfig())), **_flat(saved)}, _flat(to_dict(cfg))
     diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     bad = [k for k in diff if any(k == m or k.startswith(m + ".") for m in _MUST_MATCH) and k not in _MAY_DIFFER]
     if bad:

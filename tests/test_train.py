@@ -345,3 +345,15 @@ def test_a_full_disk_names_the_checkpoint_and_keeps_the_last_good_one(tmp_path, 
     monkeypatch.undo()
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_0000002.pt"] and load_checkpoint(
         list_checkpoints(tmp_path / "run")[-1])["step"] == 2
+
+
+def test_a_checkpoint_from_before_a_config_field_existed_resumes():
+    "A field added to the library since (absent from the saved config) counts as its default, the old behaviour."
+    from relicv2.config import preset, to_dict, update
+    from relicv2.train import CheckpointError, check_resumable
+    cfg = preset("tiny")
+    saved = to_dict(cfg)
+    del saved["encoder"]["padding"], saved["encoder"]["shortcut"]  # as written before these options existed
+    check_resumable(saved, cfg, "old.pt")  # no error
+    with pytest.raises(CheckpointError, match="encoder.padding"):
+        check_resumable(saved, update(cfg, {"encoder.padding": "same"}), "old.pt")
