@@ -235,7 +235,7 @@ def load_weights(path: str | Path,  # encoder.pt, encoder_torchvision.pt or any 
                 ):
     "The encoder in a weights file, or `ConfigError` naming the file and what does not fit."
     import pickle, torch
-    from relicv2.encoder import resnet
+    from relicv2.encoder import resnet, state_dict_mismatch
     path = Path(path)
     if not path.is_file(): raise ConfigError(f"--weights {str(path)!r} does not exist")
     try: obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -251,15 +251,9 @@ def load_weights(path: str | Path,  # encoder.pt, encoder_torchvision.pt or any 
         weights = {k: v for k, v in obj.items() if not k.startswith("fc.")}
     else: raise ConfigError(f"--weights {str(path)!r} holds neither an encoder.pt (arch, width, state_dict) nor a state dict of tensors")
     enc = resnet(*shape[:3], channels_last=e.channels_last, padding=shape[3], shortcut=shape[4])
-    want = enc.state_dict()
-    missing, extra = [k for k in want if k not in weights], [k for k in weights if k not in want]
-    shapes = [k for k in want if k in weights and weights[k].shape != want[k].shape]
-    if missing or extra or shapes:
-        first = (f"{shapes[0]} is {tuple(weights[shapes[0]].shape)}, expected {tuple(want[shapes[0]].shape)}" if shapes
-                 else f"missing {missing[0]}" if missing else f"unexpected {extra[0]}")
+    if (bad := state_dict_mismatch(enc.state_dict(), weights)):
         raise ConfigError(f"--weights {str(path)!r} does not fit a {shape[0]} of width {shape[1]} (small_stem={shape[2]}): "
-                          f"{len(shapes)} shapes differ, {len(missing)} missing, {len(extra)} unexpected ({first}); "
-                          "set encoder.arch, encoder.width and encoder.small_stem to the encoder that was trained")
+                          f"{bad}; set encoder.arch, encoder.width and encoder.small_stem to the encoder that was trained")
     enc.load_state_dict(weights)
     return enc
 

@@ -21,8 +21,8 @@ from .config import EncoderConfig, HeadConfig
 __all__ = ['ARCHS', 'TORCHVISION_ARCHS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'PADDINGS', 'SHORTCUTS', 'conv3x3', 'conv1x1',
            'batch_norm', 'shortcut', 'BasicBlock', 'Bottleneck', 'scaled', 'check_encoder_args', 'make_stage',
            'make_stem', 'same_pads', 'SameConv2d', 'SameMaxPool2d', 'same_padding', 'init_weights', 'check_images',
-           'ResNet', 'resnet', 'export_torchvision', 'torchvision_resnet', 'MLPHead', 'multicrop_forward',
-           'OnlineNetwork', 'TargetNetwork', 'build_networks']
+           'ResNet', 'resnet', 'export_torchvision', 'state_dict_mismatch', 'torchvision_resnet', 'MLPHead',
+           'multicrop_forward', 'OnlineNetwork', 'TargetNetwork', 'build_networks']
 
 # %% ../nbs/04_encoder.ipynb #6c6c813d
 def conv3x3(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
@@ -247,6 +247,18 @@ def export_torchvision(encoder: ResNet) -> dict[str, Tensor]:
         raise ValueError("encoder.shortcut must be 'when_needed' for torchvision's resnet18/34 (every_stage adds "
                          "layer1.0.downsample); got 'every_stage': use torchvision_resnet(..., shortcut='every_stage')")
     return {k: v.detach().clone().contiguous() for k, v in encoder.state_dict().items()}
+
+# %% ../nbs/04_encoder.ipynb #37555ef4
+def state_dict_mismatch(want: dict[str, Tensor],  # what the model expects, e.g. `model.state_dict()`
+                        got: dict[str, Tensor],  # the weights offered
+                       ) -> str | None:
+    "None when `got` fills `want` exactly, else one phrase: how many shapes differ, are missing, are unexpected, and the first."
+    missing, extra = [k for k in want if k not in got], [k for k in got if k not in want]
+    shapes = [k for k in want if k in got and got[k].shape != want[k].shape]
+    if not (missing or extra or shapes): return None
+    first = (f"{shapes[0]} is {tuple(got[shapes[0]].shape)}, expected {tuple(want[shapes[0]].shape)}" if shapes
+             else f"missing {missing[0]}" if missing else f"unexpected {extra[0]}")
+    return f"{len(shapes)} shapes differ, {len(missing)} missing, {len(extra)} unexpected ({first})"
 
 # %% ../nbs/04_encoder.ipynb #0342f71a
 def torchvision_resnet(arch: str = "resnet50",  # one of ARCHS (resnet200 included)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import CONVERT_FORMATS, atomic_write
-from .encoder import ARCHS, TORCHVISION_ARCHS, BasicBlock, ResNet, resnet, torchvision_resnet
+from .encoder import ARCHS, TORCHVISION_ARCHS, BasicBlock, ResNet, resnet, state_dict_mismatch, torchvision_resnet
 
 # %% auto #0
 __all__ = ['ConversionError', 'Refused', 'SafeUnpickler', 'read_checkpoint', 'write_haiku_checkpoint', 'torch_name', 'Converted',
@@ -225,13 +225,7 @@ def convert_params(params: dict,  # Haiku parameters {module path: {name: array}
             counter = _strip(arrays["counter"], lead, f"{source}: {prefix}{module}/counter", 0) if "counter" in arrays else 0
             sd[f"{t}.num_batches_tracked"] = torch.tensor(int(np.asarray(counter).reshape(-1)[0]), dtype=torch.long)
     with torch.device("meta"): want = resnet(arch, width, shortcut=shortcut).state_dict()
-    missing, extra = [k for k in want if k not in sd], [k for k in sd if k not in want]
-    shapes = [k for k in want if k in sd and sd[k].shape != want[k].shape]
-    if missing or extra or shapes:
-        first = (f"{shapes[0]} is {tuple(sd[shapes[0]].shape)}, expected {tuple(want[shapes[0]].shape)}" if shapes
-                 else f"missing {missing[0]}" if missing else f"unexpected {extra[0]}")
-        raise ConversionError(f"{source}: does not fill a {arch} of width {width:g}: {len(shapes)} shapes differ, "
-                              f"{len(missing)} tensors missing, {len(extra)} unexpected ({first})")
+    if (bad := state_dict_mismatch(want, sd)): raise ConversionError(f"{source}: does not fill a {arch} of width {width:g}: {bad}")
     left_out = sorted(k for k in params if k[len(prefix):] not in p)  # heads: projector, predictor, a classifier's logits
     return Converted(arch, width, shortcut, {k: sd[k] for k in want}, None, left_out, source)
 
