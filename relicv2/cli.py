@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from .config import CONVERT_FORMATS, ConfigError, RunConfig, SALIENCY_METHODS, atomic_write, load_config, to_dict, PRESETS
+from .config import CONVERT_FORMATS, ConfigError, EvalConfig, RunConfig, SALIENCY_METHODS, atomic_write, load_config, to_dict, PRESETS
 from .progress import ProgressArg
 
 # %% auto #0
-__all__ = ['config_parser', 'report', 'run_cli', 'export_encoder', 'evaluate_run', 'TrainedRun', 'accuracy_note',
+__all__ = ['OFFICIAL_EVAL', 'config_parser', 'report', 'run_cli', 'export_encoder', 'evaluate_run', 'TrainedRun', 'accuracy_note',
            'train_and_evaluate', 'train_main', 'load_run_encoder', 'eval_main', 'load_weights', 'ablate_main',
            'saliency_parser', 'saliency_main', 'convert_parser', 'convert_main']
 
@@ -94,15 +94,18 @@ def evaluate_run(cfg: RunConfig,  # the run's config: data, evaluation settings,
                  baselines: bool = True,  # evaluate raw pixels and the random-init encoder first (the floor)
                  name: str = "trained",  # the encoder's row in the table
                  splits: Optional[tuple[str, ...]] = None,  # test splits (default: every split but train)
+                 state_dir: str | Path | None = None,  # eval.protocol 'augmented': keep each row's probe under DIR/<row> (resume)
                 ) -> dict:
     "kNN and linear accuracy of `encoder`, after the raw-pixel and random-init baselines: {row: {split: metrics}}."
     from relicv2.evaluate import BASELINES, baseline_encoder, evaluate_from_config
     dev = next(encoder.parameters()).device
-    rows = {b.replace("-", " "): evaluate_from_config(baseline_encoder(b, cfg).to(dev), cfg, splits=splits,
-                                                      progress=progress, name=f"evaluating the {b} baseline")
+    def where(row): return Path(state_dir) / row if state_dir is not None else None
+    rows = {b.replace("-", " "): evaluate_from_config(baseline_encoder(b, cfg).to(dev), cfg, splits=splits, progress=progress,
+                                                      name=f"evaluating the {b} baseline", state_dir=where(b))
             for b in (BASELINES if baselines else ())}
     what = "the trained encoder" if name == "trained" else name
-    return {**rows, name: evaluate_from_config(encoder, cfg, splits=splits, progress=progress, name=f"evaluating {what}")}
+    return {**rows, name: evaluate_from_config(encoder, cfg, splits=splits, progress=progress, name=f"evaluating {what}",
+                                               state_dir=where(name))}
 
 # %% ../nbs/90_cli.ipynb #7cb08efd
 @dataclass
@@ -148,7 +151,7 @@ def train_and_evaluate(cfg: RunConfig,  # the whole run, e.g. `preset("demo")`
     if res.final_loss != res.final_loss and stored.exists():  # nan: no step ran now, the run had finished before
         out.results, out.stored = json.loads(stored.read_text()), True
     else:
-        out.results = evaluate_run(cfg, res.online.encoder, progress=progress, baselines=baselines)
+        out.results = evaluate_run(cfg, res.online.encoder, progress=progress, baselines=baselines, state_dir=res.run_dir / "linear_eval")
         atomic_write(stored, json.dumps(out.results, indent=2) + "\n")
     return out
 
@@ -202,31 +205,48 @@ def load_run_encoder(run_dir: str | Path, overrides: list[str] | None = None):
     enc.load_state_dict({k[len("encoder."):]: v for k, v in state["online"].items() if k.startswith("encoder.")})
     return enc, cfg
 
+_E = EvalConfig()
+OFFICIAL_EVAL = ["eval.protocol=augmented", "eval.linear_solver=sgd", f"eval.linear_epochs={_E.linear_epochs}",
+                 f"eval.linear_batch_size={_E.linear_batch_size}", f"eval.linear_base_lr={_E.linear_base_lr}",
+                 f"eval.crop_fraction={_E.crop_fraction}"]  # the defaults of EvalConfig are the official values [B]
+
+class _Official(argparse.Action):
+    "`--official`: the official protocol's settings, put before every --set so that those still override them."
+    def __call__(self, parser, namespace, values, option_string=None):
+        namespace.overrides = OFFICIAL_EVAL + [o for o in namespace.overrides if o not in OFFICIAL_EVAL]
+
 def _eval(args: argparse.Namespace, cfg: RunConfig) -> int:
     from relicv2.evaluate import format_table
     from relicv2.distributed import resolve_device
     if (args.run_dir is None) == (args.weights is None): raise ConfigError("give a run directory or --weights FILE (one of them)")
     if args.run_dir is not None:
         enc, cfg = load_run_encoder(args.run_dir, args.overrides)
-        name = Path(args.run_dir).name
+        name, state_dir = Path(args.run_dir).name, Path(args.run_dir) / "linear_eval"
     else:
         enc, name = load_weights(args.weights, cfg), Path(args.weights).stem
+        state_dir = Path(args.weights).with_name(f"{name}_linear_eval")
+    state_dir = Path(args.state_dir) if args.state_dir else state_dir
     dev = resolve_device(cfg.train.device)
     splits = tuple(args.splits.split(",")) if args.splits else None
     progress = False if args.no_progress else None
     # the floor first: the same evaluation of raw pixels and of the run's random init
-    rows = evaluate_run(cfg, enc.to(dev), progress, baselines=not args.no_baselines, name=name, splits=splits)
+    rows = evaluate_run(cfg, enc.to(dev), progress, baselines=not args.no_baselines, name=name, splits=splits, state_dir=state_dir)
     print(format_table(rows)); print(accuracy_note(_n_classes(cfg)))
     return 0
 
 def eval_main(argv: list[str] | None = None) -> int:
     "Entry point of `relicv2-eval`."
-    parser = config_parser("relicv2-eval", "kNN and linear evaluation of a trained encoder on frozen features.")
+    parser = config_parser("relicv2-eval", "kNN and linear evaluation of a trained encoder on frozen features "
+                           "(--official: the paper's linear evaluation, a probe trained on new crops every epoch).")
     parser.add_argument("run_dir", nargs="?", default=None, help="a run directory written by relicv2-train")
     parser.add_argument("--weights", default=None, metavar="FILE", help="instead of a run: encoder.pt, encoder_torchvision.pt (or any torchvision ResNet state dict), "
                         "or what relicv2-convert wrote")
     parser.add_argument("--splits", default=None, metavar="A,B", help="test splits (default: every split but train)")
     parser.add_argument("--no-baselines", action="store_true", help="skip the raw-pixel and random-init rows")
+    parser.add_argument("--official", nargs=0, action=_Official, help="the official linear evaluation: " + ", ".join(OFFICIAL_EVAL)
+                        + " (a --set still overrides any of them)")
+    parser.add_argument("--state-dir", default=None, metavar="DIR", help="with eval.protocol=augmented: where each row's probe and "
+                        "test features are kept, so a rerun resumes (default: RUN_DIR/linear_eval, or WEIGHTS_linear_eval beside --weights)")
     return run_cli("relicv2-eval", _eval, parser, argv)
 
 # %% ../nbs/90_cli.ipynb #86424e8a

@@ -134,6 +134,8 @@ class EvalConfig:
     linear_batch_size: int = 1024  # [B]
     linear_base_lr: float = 0.3  # [B] lr = base_lr * batch / 256, SGD Nesterov, cosine, no weight decay
     linear_solver: Literal["sgd", "lbfgs"] = "sgd"  # [B] sgd: BYOL's protocol; lbfgs: SimCLR's, L2 weight chosen on held-out rows
+    protocol: Literal["features", "augmented"] = "features"  # [R] features: probes on whole-image features computed once; augmented: the official protocol (new crops every epoch)
+    crop_fraction: float = 0.875  # [B] augmented protocol: test images centre-cropped to this share of the shorter side (224 / 256)
     bn_recalibrate: int = 0  # [R] re-estimate BN statistics on this many whole training images before evaluating (0 = off)
     knn_k: int = 20  # [R] neighbours (common practice: 20 or 200)
     knn_temperature: float = 0.07  # [R] as in InstDisc / DINO's kNN
@@ -246,7 +248,7 @@ RANGES = {  # field -> (accepts(value), what it accepts); every float must also 
     "train.epochs": _ge(1), "train.batch_size": _ge(1), "train.seed": _ge(0), "train.ckpt_every": _ge(1),
     "train.keep_last": _ge(1), "train.log_every": _ge(1), "train.monitor_steps": _ge(0),
     "eval.linear_epochs": _ge(1), "eval.linear_batch_size": _ge(1), "eval.linear_base_lr": _between(0.0, 100.0),
-    "eval.bn_recalibrate": _ge(0), "eval.knn_k": _ge(1), "eval.knn_temperature": _between(1e-3, 100.0),
+    "eval.bn_recalibrate": _ge(0), "eval.crop_fraction": ((lambda v: 0 < v <= 1), "in (0, 1]"), "eval.knn_k": _ge(1), "eval.knn_temperature": _between(1e-3, 100.0),
 }
 
 def check_range(name: str,  # `section.field`

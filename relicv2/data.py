@@ -582,11 +582,12 @@ def make_dataset(name: str,  # e.g. 'synthetic', 'fashion-mnist:/data/fm', 'imag
 def from_config(data_cfg,  # a `relicv2.config.DataConfig`
                 split: str,  # the split to build
                 masks: bool = True,  # False: leave an imagefolder's mask tree out (evaluation never reads masks)
-                **kw,  # extra constructor arguments (override the config's)
+                **kw,  # extra constructor arguments (override the config's, image_size included)
                ) -> Dataset:
     "The dataset a `DataConfig` describes."
     if not masks and data_cfg.dataset.partition(":")[0] == "imagefolder": kw.setdefault("masks_root", None)
     if data_cfg.dataset.partition(":")[0] == "synthetic":
         kw = {"size": data_cfg.synthetic_size, "spurious_correlation": data_cfg.spurious_correlation,
               **({"n": data_cfg.synthetic_train} if split == "train" else {}), **kw}
-    return make_dataset(data_cfg.dataset, split, image_size=data_cfg.image_size, **kw)
+    image_size = kw.pop("image_size", data_cfg.image_size)  # None: the images at their own size
+    return make_dataset(data_cfg.dataset, split, image_size=image_size, **kw)

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -13,14 +14,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from .config import atomic_write
 from .data import collate, dataset_splits, from_config as dataset_from_config
 from .optim import lr_schedule, set_lr
-from .progress import ProgressArg, announce, track
+from .progress import Progress, ProgressArg, announce, track
+from .views import resized_crop, sample_crop_boxes
 
 # %% auto #0
-__all__ = ['LBFGS_DECAYS', 'BASELINES', 'knn_classify', 'linear_probe', 'lbfgs_probe', 'extract_features', 'evaluate',
-           'format_table', 'evaluate_from_config', 'PixelEncoder', 'initial_encoder', 'baseline_encoder',
-           'recalibrate_bn']
+__all__ = ['LBFGS_DECAYS', 'BASELINES', 'AUGMENTED_SCALE', 'CENTRE_CROP', 'PROBE_FORMAT', 'knn_classify', 'linear_probe',
+           'lbfgs_probe', 'extract_features', 'evaluate', 'format_table', 'evaluate_from_config', 'PixelEncoder',
+           'initial_encoder', 'baseline_encoder', 'recalibrate_bn', 'RandomCrops', 'CentreCrops', 'encoder_fingerprint',
+           'augmented_linear_eval']
 
 # %% ../nbs/10_eval.ipynb #df887e9d
 def _check_feats(x, name: str, dim: Optional[int] = None) -> Tensor:
@@ -374,15 +378,27 @@ def evaluate_from_config(encoder: nn.Module,  # the frozen encoder
                          device=None,  # where the encoder runs; None: its parameters' device
                          progress: ProgressArg = False,  # see `relicv2.progress.progress_mode`
                          name: str = "encoder",  # what is evaluated, named in the progress output
+                         state_dir=None,  # eval.protocol 'augmented' only: where the probe and test features are kept (resume)
                          **dataset_kw,  # extra constructor arguments for every split (e.g. cache_dir=)
-                        ) -> dict[str, dict]:  # {split: {knn_top1, knn_top5, linear_top1, linear_top5}}
-    "`evaluate` with the datasets, image size and settings of a run config."
+                        ) -> dict[str, dict]:  # {split: {knn_top1, knn_top5, linear_top1, linear_top5}}; augmented: linear only
+    "`evaluate` (or, with eval.protocol 'augmented', `augmented_linear_eval`) with the datasets, image size and settings of a run config."
     available = dataset_splits(cfg.data.dataset)
     if "train" not in available: raise ValueError(f"data.dataset {cfg.data.dataset!r} has no 'train' split (splits: {', '.join(available) or 'none'})")
     splits = tuple(s for s in available if s != "train") if splits is None else tuple(splits)
     if not splits or any(s not in available for s in splits):
         raise ValueError(f"splits must be a non-empty subset of {', '.join(s for s in available if s != 'train')}, got {splits!r}")
     e = cfg.eval
+    if e.protocol not in ("features", "augmented"): raise ValueError(f"eval.protocol must be one of 'features', 'augmented', got {e.protocol!r}")
+    if e.protocol == "augmented":  # the images at their own size: the crops are taken from the whole of each
+        if e.linear_solver != "sgd": raise ValueError(f"eval.protocol 'augmented' trains its probe by SGD: set eval.linear_solver=sgd (got {e.linear_solver!r})")
+        def split_set(s): return dataset_from_config(cfg.data, s, masks=False, image_size=None, **dataset_kw)
+        train_set = split_set("train")
+        if e.bn_recalibrate:
+            encoder = recalibrate_bn(encoder, CentreCrops(train_set, cfg.views.large_size, e.crop_fraction), e.bn_recalibrate, device=device)
+        return augmented_linear_eval(encoder, train_set, {s: split_set(s) for s in splits}, image_size=cfg.views.large_size,
+                                     epochs=e.linear_epochs, batch_size=e.linear_batch_size, base_lr=e.linear_base_lr,
+                                     crop_fraction=e.crop_fraction, seed=cfg.train.seed, device=device,
+                                     num_workers=cfg.data.num_workers, state_dir=state_dir, progress=progress, name=name)
     return evaluate(encoder, dataset_from_config(cfg.data, "train", masks=False, **dataset_kw),  # evaluation reads no masks
                     {s: dataset_from_config(cfg.data, s, masks=False, **dataset_kw) for s in splits},
                     image_size=cfg.views.large_size, knn_k=e.knn_k, knn_temperature=e.knn_temperature,
@@ -434,3 +450,180 @@ def recalibrate_bn(encoder: nn.Module,  # the frozen encoder (not modified)
     for batch in loader: enc(_to_input(batch.images.to(dev), image_size))
     for m, mom in zip(bns, momenta): m.momentum = mom
     return enc.eval()
+
+# %% ../nbs/10_eval.ipynb #5e1a0c02
+AUGMENTED_SCALE = (0.08, 1.0)  # [B] area of the training crops, as a share of the image's
+CENTRE_CROP = 224 / 256  # [B] side of the test crop, as a share of the image's shorter side
+
+def _item_generator(seed: int, epoch: int, i: int) -> torch.Generator:
+    "The generator of item `i` in epoch `epoch`: the same crop whichever worker reads the item, and after a resume."
+    return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 4_294_967_311 + i) % (1 << 63))
+
+def _crop_uint8(image: Tensor,  # (C, H, W) uint8
+                box: Tensor,  # (4,) x0, y0, w, h in pixels
+                flip: bool,  # mirror left-right
+                size: int,  # side of the output
+               ) -> Tensor:  # (C, size, size) uint8
+    "One bicubic resized crop of a uint8 image, rounded and clipped back to uint8."
+    out = resized_crop(image[None].float(), box[None].float(), torch.tensor([flip]), size)[0]
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+def _check_side(size):
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1: raise ValueError(f"size must be an int >= 1, got {size!r}")
+
+class RandomCrops(Dataset):
+    "Each item of `dataset` as a random resized crop, mirrored half the time, bicubic to `size`: the official probe's training images."
+    def __init__(self,
+                 dataset: Dataset,  # yields (image uint8 (C, H, W), mask or None, label); images may differ in size
+                 size: int,  # side of the crops
+                 scale: tuple = AUGMENTED_SCALE,  # range of the crop's area, as a share of the image's
+                 ratio: tuple = (3 / 4, 4 / 3),  # range of its aspect ratio w / h
+                 seed: int = 0,  # with the epoch and the index, decides every crop
+                ):
+        _check_side(size)
+        if not (len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1): raise ValueError(f"scale must be a pair lo,hi with 0 < lo <= hi <= 1, got {scale!r}")
+        self.dataset, self.size, self.scale, self.ratio, self.seed, self.epoch = dataset, size, tuple(scale), tuple(ratio), seed, 0
+        self.classes = getattr(dataset, "classes", None)
+
+    def set_epoch(self, epoch: int): self.epoch = epoch
+    def __len__(self): return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        image, _, label = self.dataset[i]
+        g = _item_generator(self.seed, self.epoch, i)
+        box = sample_crop_boxes(1, image.shape[-2], image.shape[-1], self.scale, self.ratio, generator=g)[0]
+        return _crop_uint8(image, box, bool(torch.rand((), generator=g) < 0.5), self.size), None, label
+
+class CentreCrops(Dataset):
+    "Each item's central square of `fraction` of its shorter side, bicubic to `size`: the official probe's test images."
+    def __init__(self,
+                 dataset: Dataset,  # yields (image uint8 (C, H, W), mask or None, label)
+                 size: int,  # side of the output
+                 fraction: float = CENTRE_CROP,  # side of the crop / shorter side of the image
+                ):
+        _check_side(size)
+        if not (isinstance(fraction, (int, float)) and 0 < fraction <= 1): raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+        self.dataset, self.size, self.fraction = dataset, size, float(fraction)
+        self.classes = getattr(dataset, "classes", None)
+
+    def __len__(self): return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        image, _, label = self.dataset[i]
+        H, W = image.shape[-2:]
+        side = max(1, int(self.fraction * min(H, W)))  # BYOL's rounding: down, and the offset rounded up
+        box = torch.tensor([(W - side + 1) // 2, (H - side + 1) // 2, side, side])
+        return _crop_uint8(image, box, False, self.size), None, label
+
+# %% ../nbs/10_eval.ipynb #5e1a0c06
+PROBE_FORMAT = "relicv2-augmented-probe-1"
+
+def encoder_fingerprint(encoder: nn.Module) -> str:
+    "A short hash of an encoder's parameters and buffers: which encoder a saved probe or feature cache belongs to."
+    import hashlib
+    h = hashlib.sha256()
+    for k, v in sorted(encoder.state_dict().items()):
+        v = v.detach().cpu().contiguous()
+        h.update(f"{k}{tuple(v.shape)}{v.dtype}".encode()); h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+def _load_state(path: Optional[Path], key: dict, what: str) -> Optional[dict]:
+    "The state saved at `path` if its key matches `key`; None if there is none; ValueError naming what differs."
+    if path is None or not path.is_file(): return None
+    try: state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{what} {str(path)!r} is corrupt or truncated ({type(e).__name__}); delete it to redo that part") from None
+    if not isinstance(state, dict) or state.get("format") != PROBE_FORMAT or not isinstance(state.get("key"), dict):
+        raise ValueError(f"{str(path)!r} is not a relicv2 {what} (expected format {PROBE_FORMAT!r})")
+    differ = [f"{k}: {state['key'].get(k)!r} there, {v!r} now" for k, v in key.items() if state["key"].get(k) != v]
+    if differ: raise ValueError(f"{what} {str(path)!r} was made with other settings ({'; '.join(differ)}); delete it or give another state_dir")
+    return state
+
+def _save_state(path: Path, key: dict, **content):
+    atomic_write(path, lambda f: torch.save({"format": PROBE_FORMAT, "key": key, **content}, f))
+
+# %% ../nbs/10_eval.ipynb #5e1a0c07
+def augmented_linear_eval(encoder: nn.Module,  # the frozen encoder, images in [0, 1] -> (B, D)
+                          train_set: Dataset,  # labelled images (any sizes); cropped afresh every epoch
+                          test_sets: dict,  # {split name: Dataset} measured on centre crops
+                          *,
+                          image_size: int = 224,  # [B] side of every crop
+                          epochs: int = 100,  # [B]
+                          batch_size: int = 1024,  # [B] capped at the training set's size
+                          base_lr: float = 0.3,  # [B] lr = base_lr * batch / 256, cosine-decayed per step to 0
+                          momentum: float = 0.9,  # [B] Nesterov
+                          crop_scale: tuple = AUGMENTED_SCALE,  # [B] area of the training crops
+                          crop_fraction: float = CENTRE_CROP,  # [B] side of the test crops / shorter side
+                          seed: int = 0,  # decides the crops and the order of every epoch
+                          n_classes: Optional[int] = None,  # None: the training set's `classes`, else the largest test label + 1
+                          device=None,  # where the encoder runs; None: its parameters' device
+                          num_workers: int = 0,  # DataLoader workers (they decode and crop)
+                          dtype: Optional[torch.dtype] = None,  # autocast dtype of the encoder, or None: off
+                          state_dir=None,  # folder for probe.pt and features_<split>.pt: resume, reuse; None: keep nothing
+                          progress: ProgressArg = False,  # see `relicv2.progress.progress_mode`
+                          name: str = "encoder",  # what is evaluated, named in the progress output
+                         ) -> dict[str, dict]:  # {split: {linear_top1, linear_top5}} in percent (top-5 None with <= 5 classes)
+    "The official linear evaluation: a linear layer trained by SGD on the features of new random crops every epoch, tested on centre crops."
+    if not isinstance(test_sets, dict) or not test_sets: raise ValueError(f"test_sets must be a non-empty dict {{name: Dataset}}, got {type(test_sets).__name__}")
+    for arg, v in (("epochs", epochs), ("batch_size", batch_size), ("image_size", image_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1: raise ValueError(f"{arg} must be an int >= 1, got {v!r}")
+    if not (isinstance(momentum, (int, float)) and 0 <= momentum < 1): raise ValueError(f"momentum must be a float in [0, 1), got {momentum!r}")
+    if len(train_set) == 0: raise ValueError("train_set must not be empty")
+    dev, state_dir = _device_of(encoder, device), Path(state_dir) if state_dir is not None else None
+    fp, was_training = encoder_fingerprint(encoder), encoder.training
+    tests = {}
+    for split, ds in test_sets.items():  # fixed crops: features computed once, kept in state_dir
+        key = dict(encoder=fp, split=split, n=len(ds), image_size=image_size, crop_fraction=float(crop_fraction))
+        path = state_dir / f"features_{split}.pt" if state_dir is not None else None
+        if (saved := _load_state(path, key, "feature cache")) is not None: x, y = saved["feats"], saved["labels"]
+        else:
+            x, y = extract_features(encoder, CentreCrops(ds, image_size, crop_fraction), batch_size=min(batch_size, 256), device=dev,
+                                    num_workers=num_workers, dtype=dtype, progress=progress, desc=f"{name}: {split} features (centre crops)")
+            if path is not None: _save_state(path, key, feats=x, labels=y)
+        if int(y.min()) < 0: raise ValueError(f"test split {split!r} has items without a label (-1); evaluation needs labels")
+        tests[split] = (x, y)
+    classes = getattr(train_set, "classes", None)
+    C = n_classes or max([len(classes) if classes else 0] + [int(y.max()) + 1 for _, y in tests.values()])
+    D, N = next(iter(tests.values()))[0].shape[1], len(train_set)
+    B = min(batch_size, N)
+    steps = math.ceil(N / B)
+    lrs = lr_schedule(base_lr, B, epochs * steps, 0)  # validates base_lr
+    layer = nn.Linear(D, C, device=dev)
+    nn.init.zeros_(layer.weight), nn.init.zeros_(layer.bias)
+    opt = torch.optim.SGD(layer.parameters(), lr=float(lrs[0]), momentum=momentum, nesterov=momentum > 0)
+    key = dict(encoder=fp, n_train=N, image_size=image_size, epochs=epochs, batch_size=B, base_lr=float(base_lr),
+               momentum=float(momentum), crop_scale=tuple(map(float, crop_scale)), seed=seed, n_classes=C, dim=D)
+    path = state_dir / "probe.pt" if state_dir is not None else None
+    start = 0
+    if (saved := _load_state(path, key, "probe checkpoint")) is not None:
+        layer.load_state_dict(saved["layer"]); opt.load_state_dict(saved["opt"]); start = saved["epoch"]
+    crops = RandomCrops(train_set, image_size, crop_scale, seed=seed)
+    encoder.eval()
+    try:
+        with Progress(epochs * steps, f"{name}: linear probe on augmented crops ({epochs} epochs)", progress,
+                      initial=start * steps, unit="step", per_unit=B) as bar:
+            for epoch in range(start, epochs):
+                crops.set_epoch(epoch)
+                order = torch.randperm(N, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+                loader = DataLoader(crops, batch_size=B, sampler=order, num_workers=num_workers, collate_fn=collate,
+                                    pin_memory=dev.type == "cuda")
+                for i, batch in enumerate(loader):
+                    y = batch.labels.to(dev)
+                    if int(y.min()) < 0 or int(y.max()) >= C:
+                        raise ValueError(f"train_set has a label outside 0..{C - 1} ({int(y.min())}..{int(y.max())}); give n_classes or label every item")
+                    with torch.no_grad(), torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
+                        f = encoder(_to_input(batch.images.to(dev, non_blocking=True), None)).float()
+                    loss = F.cross_entropy(layer(f), y)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    set_lr(opt, float(lrs[epoch * steps + i]))
+                    opt.step()
+                    bar.update(1, loss=loss.item())
+                if path is not None: _save_state(path, key, epoch=epoch + 1, layer=layer.state_dict(), opt=opt.state_dict())
+    finally: encoder.train(was_training)
+    layer.requires_grad_(False)
+    results = {}
+    for split, (x, y) in tests.items():
+        order = _rank(layer(x.to(dev)))
+        results[split] = dict(linear_top1=_percent(_hits(order, y, 1)), linear_top5=_percent(_hits(order, y, 5)) if C > 5 else None)
+    return results

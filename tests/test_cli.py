@@ -28,6 +28,8 @@ def run(*args, cwd=None):
     (["--set", "loss.tau=1e-8"], "loss.tau must be in [0.01, 100.0]"),
     (["--set", "heads.projector_out=0"], "heads.projector_out must be >= 1"),
     (["--set", "data.synthetic_train=-3"], "data.synthetic_train must be >= 1"),
+    (["--set", "eval.protocol=official"], "one of 'features', 'augmented'"),
+    (["--set", "eval.crop_fraction=0"], "eval.crop_fraction must be in (0, 1]"),
     (["--set", "views.large_scale=0.5,0.2"], "views.large_scale must be a pair lo,hi with 0 < lo <= hi <= 1"),
     (["--set", "optim.momentum=nan"], "optim.momentum must be finite"),
 ])
@@ -149,3 +151,51 @@ def test_progress_without_a_terminal_is_a_few_named_lines(tmp_path):
     with contextlib.redirect_stderr(buf):
         fit(update(preset("tiny"), {"train.out_dir": str(tmp_path / "quiet"), "train.epochs": 1}), max_steps=2, progress=False)
     assert buf.getvalue() == ""
+
+
+def test_eval_official_sets_the_protocol_and_a_set_still_wins_in_either_order():
+    import yaml
+    for args in (["--set", "eval.linear_epochs=3", "--official"], ["--official", "--set", "eval.linear_epochs=3"]):
+        r = command("eval_main", "--preset", "fashion-mnist", *args, "--print-config")
+        assert r.returncode == 0, r.stderr
+        e = yaml.safe_load(r.stdout)["eval"]
+        assert (e["protocol"], e["linear_solver"], e["linear_epochs"], e["linear_batch_size"], e["linear_base_lr"], e["crop_fraction"]) \
+            == ("augmented", "sgd", 3, 1024, 0.3, 0.875), (args, e)
+
+
+def test_eval_official_keeps_every_row_in_its_state_folder(tmp_path):
+    run_dir = tmp_path / "run"
+    assert command("train_main", "--preset", "tiny", "--set", f"train.out_dir={run_dir}", "--no-eval").returncode == 0
+    quick = ["--official", "--set", "eval.linear_epochs=1", "--set", "eval.linear_batch_size=32", "--splits", "test", "--no-progress"]
+    r = command("eval_main", "--preset", "tiny", "--weights", str(run_dir / "encoder.pt"), *quick)
+    assert r.returncode == 0 and "linear_top1" in r.stdout and "knn_top1" not in r.stdout, r.stderr
+    rows = sorted(p.name for p in (run_dir / "encoder_linear_eval").iterdir())
+    assert rows == ["encoder", "random-init", "raw-pixels"]
+    assert (run_dir / "encoder_linear_eval" / "encoder" / "probe.pt").is_file()
+    r = command("eval_main", str(run_dir), *quick, "--no-baselines", "--state-dir", str(tmp_path / "elsewhere"))
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (tmp_path / "elsewhere" / "run").iterdir()) == ["features_test.pt", "probe.pt"]
+    one_line(command("eval_main", "--preset", "fashion-mnist", "--weights", str(run_dir / "encoder.pt"), "--set", "eval.protocol=augmented",
+                     "--set", "data.dataset=synthetic", "--set", "encoder.width=0.0625"), 2, "set eval.linear_solver=sgd")
+
+
+def test_eval_official_on_an_image_folder_of_mixed_sizes_shows_its_progress(tmp_path):
+    import torch
+    from torchvision.io import write_jpeg, write_png
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 6), ("val", 4)):
+        for c, colour in enumerate(((200, 40, 40), (40, 40, 200))):
+            (tmp_path / "tree" / split / f"class{c}").mkdir(parents=True)
+            for i in range(n):
+                h, w = 20 + 7 * i, 40 - 5 * i  # no two the same size: the crops make the batch
+                img = (torch.tensor(colour, dtype=torch.float)[:, None, None] + 30 * torch.randn(3, h, w, generator=g)).clamp(0, 255).to(torch.uint8)
+                p = tmp_path / "tree" / split / f"class{c}" / f"im{i}"
+                write_jpeg(img, f"{p}.jpg", quality=95) if i % 2 else write_png(img, f"{p}.png")
+    run_dir = tmp_path / "run"
+    assert command("train_main", "--preset", "tiny", "--set", f"train.out_dir={run_dir}", "--no-eval").returncode == 0
+    r = command("eval_main", "--preset", "tiny", "--weights", str(run_dir / "encoder.pt"), "--official", "--no-baselines",
+                "--set", f"data.dataset=imagefolder:{tmp_path / 'tree'}", "--set", "eval.linear_epochs=3")
+    assert r.returncode == 0, r.stderr
+    assert "encoder: val features (centre crops)" in r.stderr and "linear probe on augmented crops (3 epochs): step 3/3" in r.stderr, r.stderr
+    header, row = r.stdout.splitlines()[1:3]
+    assert header.split() == ["linear_top1", "linear_top5"] and row.split()[0::2] == ["encoder", "-"], r.stdout  # no kNN; 2 classes: no top-5

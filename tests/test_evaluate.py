@@ -301,3 +301,136 @@ def test_format_table():
     assert format_table(only_test).splitlines()[0].split() == ["test"]  # a split without values gets no column
     with pytest.raises(ValueError, match="results must be"): format_table({})
     with pytest.raises(ValueError, match="metrics must name some of knn_top1, linear_top1"): format_table(results, metrics=("top1",))
+
+
+# ---------------------------------------------------------------- the official protocol: augmented crops
+
+from relicv2.evaluate import (CentreCrops, RandomCrops, PixelEncoder, augmented_linear_eval, encoder_fingerprint)
+
+
+def _images(n, h=20, w=26, seed=0, classes=4):
+    g = torch.Generator().manual_seed(seed)
+    return TensorImages(torch.randint(0, 256, (n, 3, h, w), generator=g, dtype=torch.uint8), torch.arange(n) % classes)
+
+
+def test_centre_crop_matches_pil_bicubic_when_enlarging():
+    "An independent reference: PIL's bicubic (Keys a = -0.5; no antialiasing when enlarging) on the same box."
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)  # values in 48..208: PIL rounds and clips to uint8 between its two passes,
+    x = (128 + 80 * (2 * torch.rand(1, 3, 28, 28, generator=g) - 1)).round().to(torch.uint8)  # so no overshoot is clipped
+    ds = TensorImages(x, torch.zeros(1, dtype=torch.long))
+    ours = CentreCrops(ds, 32, 0.875)[0][0]  # crop int(0.875 * 28) = 24 at offset 2, enlarged to 32
+    pil = Image.fromarray(x[0].permute(1, 2, 0).numpy()).resize((32, 32), Image.BICUBIC, box=(2, 2, 26, 26))
+    ref = torch.from_numpy(np.array(pil)).permute(2, 0, 1)
+    assert (ours.int() - ref.int()).abs().max() <= 1  # PIL's fixed-point weights: off by one at most
+
+
+@pytest.mark.parametrize("h,w,fraction", [(32, 40, 7 / 8), (40, 32, 7 / 8), (31, 33, 0.5), (16, 16, 1.0)])
+def test_centre_crop_of_the_output_size_is_the_central_slice(h, w, fraction):
+    ds = _images(1, h, w)
+    side = int(fraction * min(h, w))
+    x0, y0 = (w - side + 1) // 2, (h - side + 1) // 2
+    assert torch.equal(CentreCrops(ds, side, fraction)[0][0], ds.images[0, :, y0:y0 + side, x0:x0 + side])
+
+
+def test_random_crops_are_a_function_of_seed_epoch_and_index_even_across_workers():
+    from torch.utils.data import DataLoader
+    from relicv2.data import collate
+    crops = RandomCrops(_images(12), 16, seed=3)
+    crops.set_epoch(2)
+    alone = torch.stack([crops[i][0] for i in range(12)])
+    workers = torch.cat([b.images for b in DataLoader(crops, batch_size=5, num_workers=2, collate_fn=collate)])
+    assert torch.equal(alone, workers)
+    crops.set_epoch(3)
+    assert not torch.equal(alone, torch.stack([crops[i][0] for i in range(12)]))
+    assert not torch.equal(alone, torch.stack([RandomCrops(_images(12), 16, seed=4).__getitem__(i)[0] for i in range(12)]))
+
+
+def test_random_crops_of_images_of_any_size_batch_together():
+    from relicv2.data import collate
+    items = [RandomCrops(_images(1, h, w, seed=h), 24)[0] for h, w in ((20, 50), (64, 18), (24, 24))]
+    assert collate(items).images.shape == (3, 3, 24, 24)
+
+
+@pytest.mark.parametrize("make,msg", [
+    (lambda: RandomCrops(_images(2), 0), "size must be an int >= 1"),
+    (lambda: RandomCrops(_images(2), 8, scale=(0.5, 0.2)), "scale must be a pair"),
+    (lambda: CentreCrops(_images(2), 8, 0.0), "fraction must be in (0, 1]"),
+])
+def test_crop_datasets_bad_input(make, msg):
+    with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")):
+        make()
+
+
+class CountingPixels(PixelEncoder):
+    "The raw-pixel encoder, counting its forward passes (no weights: the same fingerprint as PixelEncoder)."
+    calls = 0
+    def forward(self, x):
+        CountingPixels.calls += 1
+        return super().forward(x)
+
+
+def _colours(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 4
+    x = (torch.eye(4, 3)[y][:, :, None, None] * 0.5 + 0.25 + 0.2 * torch.randn(n, 3, 12, 12, generator=g)).clamp(0, 1)
+    return TensorImages((255 * x).to(torch.uint8), y)
+
+
+KW = dict(image_size=8, epochs=3, batch_size=16, base_lr=0.5)
+
+
+def test_augmented_eval_learns_and_its_state_folder_saves_every_pass(tmp_path):
+    tr, te = _colours(128, 0), _colours(64, 1)
+    r = augmented_linear_eval(PixelEncoder(), tr, {"test": te}, state_dir=tmp_path, **KW)
+    assert r["test"]["linear_top1"] > 90 and r["test"]["linear_top5"] is None  # 4 classes: no top-5
+    CountingPixels.calls = 0
+    again = augmented_linear_eval(CountingPixels(), tr, {"test": te}, state_dir=tmp_path, **KW)
+    assert again == r and CountingPixels.calls == 0  # a finished probe and cached test features: nothing recomputed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["features_test.pt", "probe.pt"]
+
+
+def test_augmented_eval_refuses_a_state_folder_of_another_encoder_or_setting(tmp_path):
+    tr, te = _colours(64, 0), _colours(32, 1)
+    augmented_linear_eval(PixelEncoder(), tr, {"test": te}, state_dir=tmp_path, **KW)
+    enc = resnet("resnet18", 0.0625, True)
+    with pytest.raises(ValueError, match="feature cache .* other settings .*encoder"):
+        augmented_linear_eval(enc, tr, {"test": te}, state_dir=tmp_path, **KW)
+    with pytest.raises(ValueError, match="probe checkpoint .*epochs: 3 there, 4 now"):
+        augmented_linear_eval(PixelEncoder(), tr, {"test": te}, state_dir=tmp_path, **{**KW, "epochs": 4})
+    (tmp_path / "probe.pt").write_bytes((tmp_path / "probe.pt").read_bytes()[:100])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        augmented_linear_eval(PixelEncoder(), tr, {"test": te}, state_dir=tmp_path, **KW)
+
+
+def test_encoder_fingerprint_follows_the_weights():
+    a, b = resnet("resnet18", 0.0625, True), resnet("resnet18", 0.0625, True)
+    b.load_state_dict(a.state_dict())
+    assert encoder_fingerprint(a) == encoder_fingerprint(b)
+    with torch.no_grad(): b.conv1.weight[0, 0, 0, 0] += 1e-6
+    assert encoder_fingerprint(a) != encoder_fingerprint(b)
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(test_sets={}), "test_sets must be a non-empty dict"),
+    (dict(epochs=0), "epochs must be an int >= 1"),
+    (dict(image_size=1.5), "image_size must be an int >= 1"),
+    (dict(momentum=1.0), r"momentum must be a float in \[0, 1\)"),
+    (dict(base_lr=-1.0), "base_lr must be a float > 0"),
+    (dict(n_classes=2), r"label outside 0..1"),
+])
+def test_augmented_eval_bad_input(kw, msg):
+    tr, te = _colours(16, 0), _colours(8, 1)
+    args = dict(test_sets={"test": te}, **{**KW, "epochs": 1})
+    args.update(kw)
+    with pytest.raises(ValueError, match=msg):
+        augmented_linear_eval(PixelEncoder(), tr, **args)
+
+
+def test_evaluate_from_config_augmented_protocol():
+    from relicv2.config import update
+    cfg = update(preset("tiny"), {"eval.protocol": "augmented", "eval.linear_epochs": 1})
+    res = evaluate_from_config(resnet("resnet18", 0.0625, True), cfg, splits=("test",))
+    assert set(res) == {"test"} and set(res["test"]) == {"linear_top1", "linear_top5"}
+    with pytest.raises(ValueError, match="eval.linear_solver=sgd"):
+        evaluate_from_config(resnet("resnet18", 0.0625, True), update(cfg, {"eval.linear_solver": "lbfgs"}))
