@@ -17,9 +17,9 @@ from .config import CONVERT_FORMATS, ConfigError, EvalConfig, RunConfig, SALIENC
 from .progress import ProgressArg
 
 # %% auto #0
-__all__ = ['OFFICIAL_EVAL', 'config_parser', 'report', 'run_cli', 'export_encoder', 'evaluate_run', 'TrainedRun', 'accuracy_note',
-           'train_and_evaluate', 'train_main', 'load_run_encoder', 'eval_main', 'load_weights', 'ablate_main',
-           'saliency_parser', 'saliency_main', 'convert_parser', 'convert_main']
+__all__ = ['OFFICIAL_EVAL', 'config_parser', 'one_line', 'report', 'run_cli', 'export_encoder', 'evaluate_run', 'TrainedRun',
+           'accuracy_note', 'train_and_evaluate', 'train_main', 'load_run_encoder', 'eval_main', 'load_weights',
+           'ablate_main', 'saliency_parser', 'saliency_main', 'convert_parser', 'convert_main']
 
 # %% ../nbs/90_cli.ipynb #3e419218
 def config_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -38,21 +38,29 @@ def _where() -> str:
     "'rank R: ' under torchrun with several processes, else ''."
     return f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
 
+def one_line(e: BaseException) -> str:
+    "An exception's message on one line; for one re-raised from a DataLoader worker, the worker's own error and where."
+    text = str(e)
+    if "\nOriginal Traceback" not in text: return "; ".join(l.strip() for l in text.splitlines() if l.strip())
+    lines = [l for l in text.splitlines() if l.strip()]
+    where = lines[0].removeprefix("Caught ").partition(" in ")[2].rstrip(".")  # e.g. "DataLoader worker process 0"
+    return f"{lines[-1].strip().removeprefix(type(e).__name__ + ': ')} (in {where})"
+
 def report(prog: str,  # the command's name
            e: BaseException,  # what stopped the command
           ) -> int | None:  # the exit code, after one line on stderr; None: a bug, to be raised with its traceback
     "One line and an exit code for what a user can act on: 2 bad input, 1 a run that cannot go on, 128 + N signal N."
     if isinstance(e, (ConfigError, ValueError, FileNotFoundError, NotADirectoryError)):  # configuration, arguments, data, paths
-        print(f"{prog}: error: {_where()}{e}", file=sys.stderr); return 2
+        print(f"{prog}: error: {_where()}{one_line(e)}", file=sys.stderr); return 2
     if isinstance(e, BrokenPipeError): return 141  # the reader of our output went away (`| head`): nothing to say
     if isinstance(e, OSError):  # the system refused a read or a write: a full disk, permissions
-        print(f"{prog}: error: {_where()}{e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr); return 1
+        print(f"{prog}: error: {_where()}{e.filename + ': ' if e.filename else ''}{e.strerror or one_line(e)}", file=sys.stderr); return 1
     if "relicv2.train" in sys.modules:  # the run's own exceptions (only a run that got that far can raise them)
         from relicv2.train import CheckpointError, RunInterrupted, TrainingDiverged
         if isinstance(e, RunInterrupted):  # stopped by SIGTERM / Ctrl-C after a checkpoint: not an error
             print(f"{prog}: {_where()}{e}", file=sys.stderr); return 128 + e.signum  # 143, 130: what shells expect
         if isinstance(e, (CheckpointError, TrainingDiverged)):  # a corrupt checkpoint, a diverged run
-            print(f"{prog}: error: {_where()}{e}", file=sys.stderr); return 1
+            print(f"{prog}: error: {_where()}{one_line(e)}", file=sys.stderr); return 1
     return None
 
 def run_cli(prog: str,  # the command's name, printed before an error

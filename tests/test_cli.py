@@ -199,3 +199,17 @@ def test_eval_official_on_an_image_folder_of_mixed_sizes_shows_its_progress(tmp_
     assert "encoder: val features (centre crops)" in r.stderr and "linear probe on augmented crops (3 epochs): step 3/3" in r.stderr, r.stderr
     header, row = r.stdout.splitlines()[1:3]
     assert header.split() == ["linear_top1", "linear_top5"] and row.split()[0::2] == ["encoder", "-"], r.stdout  # no kNN; 2 classes: no top-5
+
+
+def test_an_error_inside_a_dataloader_worker_is_one_line_naming_the_file(tmp_path):
+    import torch
+    from torchvision.io import write_png
+    for c in ("a", "b"):
+        (tmp_path / "tree" / "train" / c).mkdir(parents=True)
+        for i in range(8):
+            write_png(torch.full((3, 16, 16), 30 * i, dtype=torch.uint8), str(tmp_path / "tree" / "train" / c / f"{i}.png"))
+    (tmp_path / "tree" / "train" / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    r = command("train_main", "--preset", "tiny", "--set", f"data.dataset=imagefolder:{tmp_path / 'tree'}", "--set", "data.image_size=16",
+                "--set", "data.num_workers=1", "--set", f"train.out_dir={tmp_path / 'run'}", "--no-progress")
+    one_line(r, 2, "broken.png")
+    assert "(in DataLoader worker process 0)" in r.stderr and "Original Traceback" not in r.stderr, r.stderr
