@@ -218,8 +218,7 @@ class ReLICv2Step:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward(); mark("backward")
         self.optimizer.step(); mark("optimizer")
-        update_target(self.target.encoder, self.online.encoder, self.taus[k])
-        update_target(self.target.projector, self.online.projector, self.taus[k]); mark("ema")
+        update_target(self.target, self.online.without_predictor(), self.taus[k]); mark("ema")
         self.step += 1
         return check.item()
 

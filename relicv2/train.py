@@ -447,8 +447,7 @@ def fit(cfg: RunConfig,  # the whole run, e.g. `preset("demo")`
                 else:
                     scaler.scale(loss).backward(); scaler.step(optimizer); scaler.update()
                 if target is not None:  # the target follows the online encoder and projector (never the predictor)
-                    update_target(target.encoder, online.encoder, taus[step])
-                    update_target(target.projector, online.projector, taus[step])
+                    update_target(target, online.without_predictor(), taus[step])
                 step += 1
                 loss_value = check.item(); bar.update(1, loss=loss_value)
                 if step % tc.log_every == 0 or step == end:
