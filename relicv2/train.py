@@ -6,9 +6,6 @@
 from __future__ import annotations
 
 import ctypes
-import json
-import pickle
-import random
 import signal
 import sys
 import threading
@@ -24,10 +21,14 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
-from .config import RunConfig, atomic_write, to_dict
+from .config import RunConfig, to_dict
 from . import data as rdata
+from .checkpoint import (CKPT_FORMAT, CheckpointError, ResumableSampler, check_resumable, list_checkpoints,
+                                load_checkpoint, make_generators, remove_stale_temporaries, rng_state, save_checkpoint,
+                                seed_everything, set_rng_state)
+from .metrics import MetricsLog, plot_metrics
 from .distributed import DistEnv, init_distributed, gather, gather_with_grad, sync_batchnorm
 from .encoder import build_networks, multicrop_forward
 from .loss import ReLICv2Loss
@@ -37,170 +38,8 @@ from .progress import Progress, ProgressArg
 from .views import ViewGenerator
 
 # %% auto #0
-__all__ = ['CKPT_FORMAT', 'ResumableSampler', 'list_checkpoints', 'save_checkpoint', 'remove_stale_temporaries',
-           'CheckpointError', 'load_checkpoint', 'check_resumable', 'seed_everything', 'make_generators', 'rng_state',
-           'set_rng_state', 'MetricsLog', 'plot_metrics', 'SupervisedNetwork', 'tune_malloc', 'TrainingDiverged',
-           'non_finite', 'RunResult', 'RunInterrupted', 'StopSignals', 'fit', 'monitor']
-
-# %% ../nbs/09_train.ipynb #e7a01281
-class ResumableSampler(DistributedSampler):
-    "A `DistributedSampler` (shuffled by seed and epoch) that can start part-way through its shard."
-    def __init__(self, dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        self.start = 0  # samples of this epoch's shard to skip
-
-    def __iter__(self):
-        return iter(list(super().__iter__())[self.start:])
-
-    def __len__(self): return self.num_samples - self.start
-
-# %% ../nbs/09_train.ipynb #1c818ee3
-CKPT_FORMAT = "relicv2-checkpoint-v1"
-
-def _ckpt_step(p: Path) -> int: return int(p.stem.split("_")[-1])
-
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    "The run's checkpoints, oldest first."
-    return sorted(Path(run_dir, "checkpoints").glob("step_*.pt"), key=_ckpt_step)
-
-def save_checkpoint(state: dict,  # everything to restore a run
-                    run_dir: str | Path,  # the run directory; checkpoints go to `checkpoints/`
-                    step: int,  # completed optimisation steps
-                    keep_last: int = 3,  # how many checkpoints to keep
-                   ) -> Path:
-    "Write `state` atomically as `checkpoints/step_XXXXXXX.pt`, then delete all but the `keep_last` newest."
-    folder = Path(run_dir, "checkpoints"); folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"step_{step:07d}.pt"
-    atomic_write(path, lambda f: torch.save({"format": CKPT_FORMAT, **state}, f))  # a crash never leaves half a checkpoint
-    for old in list_checkpoints(run_dir)[:-keep_last]: old.unlink(missing_ok=True)
-    return path
-
-def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
-    "Delete the temporary files of checkpoint writes that a killed process left in `run_dir/checkpoints`; returns them."
-    stale = sorted(Path(run_dir, "checkpoints").glob(".step_*.pt.*.tmp"))
-    for p in stale: p.unlink(missing_ok=True)
-    return stale
-
-class CheckpointError(RuntimeError):
-    "A checkpoint that cannot be used; the message names the file and what to do."
-
-def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    "Read a checkpoint written by `save_checkpoint`, or raise `CheckpointError` naming the file."
-    path = Path(path)
-    if not path.is_file(): raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
-    try: state = torch.load(path, map_location=map_location, weights_only=True)  # tensors and plain containers only
-    except pickle.UnpicklingError as e:
-        if "Unsupported global" in str(e):  # the unpickler met a class or function: refused before calling it
-            raise CheckpointError(f"checkpoint {str(path)!r} holds Python objects other than tensors and plain containers; "
-                                  "refused without running any of it (a relicv2 checkpoint never holds them)") from None
-        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or truncated (UnpicklingError); "
-                              "delete it to resume from the previous one, or start a new out_dir") from None
-    except Exception as e:
-        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or truncated ({type(e).__name__}); "
-                              "delete it to resume from the previous one, or start a new out_dir") from None
-    if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
-        raise CheckpointError(f"{str(path)!r} is not a relicv2 checkpoint (expected format {CKPT_FORMAT!r})")
-    return state
-
-# %% ../nbs/09_train.ipynb #6d4a716d
-_MUST_MATCH = ("data.dataset", "encoder", "heads", "views", "loss", "optim.optimizer", "train.batch_size", "train.seed")
-_MAY_DIFFER = ("encoder.channels_last",)  # inside _MUST_MATCH's sections, but the same parameters either way
-
-def _flat(d: dict, prefix="") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict): out.update(_flat(v, f"{prefix}{k}."))
-        else: out[f"{prefix}{k}"] = v
-    return out
-
-def check_resumable(saved: dict, cfg: RunConfig, path) -> None:
-    "Refuse a checkpoint whose config differs from `cfg` where it matters; warn about other differences."
-    # a field the library gained after the checkpoint was written counts as its default: the behaviour before it existed
-    old, new = {**_flat(to_dict(RunConfig())), **_flat(saved)}, _flat(to_dict(cfg))
-    diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    bad = [k for k in diff if any(k == m or k.startswith(m + ".") for m in _MUST_MATCH) and k not in _MAY_DIFFER]
-    if bad:
-        raise CheckpointError(f"checkpoint {str(path)!r} was written with a different config: "
-                              + ", ".join(f"{k}={old.get(k)!r} (now {new.get(k)!r})" for k in bad[:4])
-                              + "; resume with the same config or use another train.out_dir")
-    others = [k for k in diff if k not in ("train.out_dir",)]
-    if others: warnings.warn(f"resuming {str(path)!r} with changed fields: {', '.join(others)}")
-
-# %% ../nbs/09_train.ipynb #3f7a29be
-def seed_everything(seed: int) -> None:
-    "Seed python's, torch's and every CUDA device's generators."
-    random.seed(seed); torch.manual_seed(seed)
-
-def make_generators(seed: int, rank: int, device: torch.device) -> dict[str, torch.Generator]:
-    "This process's view and negative-sampling generators, distinct per rank."
-    return {name: torch.Generator(device=device).manual_seed(seed * 1_000_003 + 2 * rank + i + 1)
-            for i, name in enumerate(("views", "loss"))}
-
-def rng_state(gens: dict[str, torch.Generator]) -> dict:
-    "This process's random state: its generators, torch's global one and python's."
-    state = {k: g.get_state() for k, g in gens.items()}
-    state.update(torch=torch.get_rng_state(), python=random.getstate())
-    if torch.cuda.is_available(): state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-def set_rng_state(gens: dict[str, torch.Generator], state: dict) -> None:
-    "Restore what `rng_state` saved."
-    for k, g in gens.items(): g.set_state(state[k])
-    torch.set_rng_state(state["torch"]); random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available(): torch.cuda.set_rng_state_all(state["cuda"])
-
-# %% ../nbs/09_train.ipynb #c89cdf19
-class MetricsLog:
-    "Append-only JSONL metrics (and optionally TensorBoard); on resume, lines after `resume_step` are dropped."
-    def __init__(self, path: str | Path, resume_step: int = 0, enabled: bool = True, tensorboard: bool = False):
-        self.path, self.enabled, self.tb = Path(path), enabled, None
-        if not enabled: return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"): stale.unlink(missing_ok=True)  # a killed rewrite's
-        kept = [l for l in self.read(self.path) if l.get("step", 0) <= resume_step] if resume_step else []
-        atomic_write(self.path, "".join(json.dumps(l) + "\n" for l in kept))  # a kill here leaves the old file whole
-        if tensorboard:
-            try: from torch.utils.tensorboard import SummaryWriter
-            except ImportError: raise ValueError("train.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
-            self.tb = SummaryWriter(str(self.path.parent / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
-
-    def write(self, **row):
-        if not self.enabled: return
-        with open(self.path, "a") as f: f.write(json.dumps(row) + "\n")
-        if self.tb is not None:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and k not in ("step", "epoch"): self.tb.add_scalar(k, v, row["step"])
-            self.tb.flush()
-
-    @staticmethod
-    def read(path) -> list[dict]:
-        "The rows of a metrics file (an empty list when there is none); a last line cut short by a kill is dropped."
-        path = Path(path)
-        lines = [l for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
-        rows = []
-        for i, l in enumerate(lines):
-            try: rows.append(json.loads(l))
-            except json.JSONDecodeError:
-                if i == len(lines) - 1: break  # the row being appended when the process died
-                raise ValueError(f"{str(path)!r}, line {i + 1}, is not a JSON row: {l[:80]!r}") from None
-        return rows
-
-def plot_metrics(path: str | Path, out: str | Path | None = None, title: str = ""):
-    "Plot loss terms and kNN monitor accuracy of a metrics file; save a PNG to `out` if given."
-    import matplotlib; import matplotlib.pyplot as plt
-    rows = MetricsLog.read(path)
-    train = [r for r in rows if "loss" in r]; mon = [r for r in rows if "knn_top1" in r]
-    fig, axes = plt.subplots(1, 2 if mon else 1, figsize=(8 if mon else 4.5, 3), dpi=80, squeeze=False)
-    ax = axes[0, 0]
-    for k in ("loss", "contrastive", "invariance", "byol", "cross_entropy"):
-        if train and k in train[0]: ax.plot([r["step"] for r in train], [r[k] for r in train], label=k)
-    ax.set_xlabel("step"); ax.set_title(title or "training loss"); ax.legend()
-    if mon:
-        axes[0, 1].plot([r["step"] for r in mon], [r["knn_top1"] for r in mon], "o-")
-        axes[0, 1].set_xlabel("step"); axes[0, 1].set_title("kNN monitor top-1 (%)")
-    fig.tight_layout()
-    if out is not None: fig.savefig(out); plt.close(fig)
-    return fig
+__all__ = ['SupervisedNetwork', 'tune_malloc', 'TrainingDiverged', 'non_finite', 'RunResult', 'RunInterrupted', 'StopSignals',
+           'fit', 'monitor']
 
 # %% ../nbs/09_train.ipynb #3dd78f50
 class SupervisedNetwork(nn.Module):
