@@ -1,5 +1,5 @@
 """Shared by the benchmark scripts (not a benchmark itself): the header line, summary lines, timing, synthetic data,
-and relicv2's training step exactly as `relicv2.train.fit` runs it.
+and relicv2's training step: the very `relicv2.train.train_step` that `fit` runs.
 
 Output convention of every script: lines starting with `#` are context (machine, settings, notes); every other line
 is one figure, `name: key=value key=value ...`, every value a number (parse with `parse_summary`).
@@ -7,27 +7,20 @@ is one figure, `name: key=value key=value ...`, every value a number (parse with
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import platform
 import statistics
-import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from relicv2 import data as rdata
 from relicv2.config import load_config, update
-from relicv2.distributed import gather, gather_with_grad
-from relicv2.encoder import build_networks
-from relicv2.loss import ReLICv2Loss
-from relicv2.optim import lr_schedule, optimizer_from_config, set_lr
-from relicv2.target import momentum_schedule, update_target
-from relicv2.train import ResumableSampler, make_generators, tune_malloc
-from relicv2.views import ViewGenerator
+from relicv2.distributed import DistEnv
+from relicv2.optim import lr_schedule
+from relicv2.target import momentum_schedule
+from relicv2.train import ResumableSampler, build_step, train_step, tune_malloc
 
 HERE = Path(__file__).resolve().parent
 
@@ -158,69 +151,35 @@ class Marks:
 
 
 class ReLICv2Step:
-    """One step of `relicv2.train.fit`'s loop, as a callable on a `Batch` already on the device: views made on the device,
-    one online pass per view size (DDP when distributed), target pass, negatives gathered across processes, ReLICv2 loss,
-    the finiteness check, backward, optimiser step, EMA of encoder and projector. `fit` exposes no step function, so
-    this mirrors its loop body line for line (keep them in sync)."""
+    """One step of `relicv2.train.fit`'s loop, as a callable on a `Batch` already on the device: `relicv2.train.train_step`
+    itself (views on the device, one online pass per view size, DDP when distributed, target pass, negatives gathered
+    across processes, the loss, the finiteness check, backward, optimiser step, EMA), on the parts `build_step` makes.
+    Two things differ from a run, both on purpose: the whole benchmark stays inside the warm-up of a `total_steps`-long
+    schedule (small learning rates: no divergence on random data), and a batch too small for `loss.n_negatives`
+    (memory.py's) gets N - 1 negatives, the most it has, as the `#` line of the script says."""
     PARTS = ("views", "forward", "loss", "backward", "optimizer", "ema")
 
     def __init__(self, cfg, device: torch.device, total_steps: int = 1000, rank: int = 0, world_size: int = 1):
         if cfg.loss.objective == "supervised": raise ValueError("loss.objective='supervised' is not benchmarked; use relicv2, infonce or byol")
-        if cfg.train.precision == "fp16": raise ValueError("train.precision='fp16' is not benchmarked (no grad scaler here); use fp32 or bf16")
         B = cfg.train.batch_size
         if B % world_size: raise ValueError(f"train.batch_size={B} must be divisible by the number of processes ({world_size})")
-        self.cfg, self.device, self.rank, self.world_size, self.b, self.L = cfg, device, rank, world_size, B // world_size, cfg.views.n_large
+        if cfg.loss.n_negatives is not None and cfg.loss.n_negatives > B - 1: cfg = update(cfg, {"loss.n_negatives": B - 1})
+        self.cfg, self.device = cfg, device
         # as `fit`: on the CPU, glibc keeps freed memory mapped (process-wide: whatever else runs in this process gets it too)
         self.malloc_tuned = tune_malloc() if cfg.train.tune_malloc and device.type == "cpu" else False
-        self.views = ViewGenerator.from_config(cfg.views)
-        self.online, self.target = build_networks(cfg.encoder, cfg.heads)
-        self.online.to(device); self.target.to(device)
+        env = DistEnv(rank=rank, world_size=world_size, local_rank=rank, device=device)
+        parts = build_step(cfg, env, 0, total_steps)
+        self.parts = dataclasses.replace(parts, lrs=lr_schedule(cfg.optim.base_lr, B, total_steps, total_steps),
+                                         taus=momentum_schedule(total_steps, cfg.target.tau_base))
+        self.online, self.target = self.parts.online, self.parts.target
         self.online.train(); self.target.train()
-        model = self.online
-        if world_size > 1:
-            model = torch.nn.parallel.DistributedDataParallel(self.online, device_ids=[device] if device.type == "cuda" else None)
-        self.forward = torch.compile(model) if cfg.train.compile else model
-        n_neg = cfg.loss.n_negatives
-        if n_neg is not None and n_neg > B - 1: n_neg = B - 1  # only the tiny batches of memory.py: at most N - 1 negatives exist
-        self.criterion = ReLICv2Loss.from_config(dataclasses.replace(cfg.loss, n_negatives=n_neg))
-        self.optimizer = optimizer_from_config(cfg.optim, self.online)
-        # the whole benchmark stays inside the warm-up of a long schedule: small learning rates, no divergence on random data
-        self.lrs = lr_schedule(cfg.optim.base_lr, B, total_steps, total_steps)
-        self.taus = momentum_schedule(total_steps, cfg.target.tau_base)
-        self.gens = make_generators(cfg.train.seed, rank, device)
-        self.autocast = (nullcontext() if cfg.train.precision == "fp32"
-                         else torch.autocast(device.type, dtype=torch.bfloat16))
         self.step = 0
-
-    def _gather(self, xs, with_grad: bool):
-        "Every process's (b, D) rows of each view, gathered with one collective (what `fit` does)."
-        if self.world_size == 1 or not xs: return list(xs)
-        stacked = torch.stack(xs, 1)
-        return list((gather_with_grad(stacked) if with_grad else gather(stacked)).unbind(1))
 
     def __call__(self, batch: rdata.Batch, mark=None) -> float:
         "Train on one batch (on the device); `mark(name)` is called at the end of each part of `PARTS`. Returns the loss."
-        mark = mark or (lambda name: None)
-        k = min(self.step, len(self.lrs) - 1)
-        set_lr(self.optimizer, self.lrs[k])
-        v = self.views(batch.images, batch.masks, batch.has_mask, generator=self.gens["views"]); mark("views")
-        with self.autocast:
-            out = self.forward(v.large + v.small)  # one pass per view size
-            with torch.no_grad(): t_out = self.target(v.large)
-        mark("forward")
-        o, t = self._gather(out, True), self._gather(t_out, False)
-        anchors = torch.arange(self.rank * self.b, (self.rank + 1) * self.b, device=self.device) if self.world_size > 1 else None
-        loss, _ = self.criterion(o[:self.L], o[self.L:], t, anchors=anchors, generator=self.gens["loss"])
-        check = loss.detach().float().clone()
-        if self.world_size > 1: dist.all_reduce(check); check /= self.world_size
-        if not torch.isfinite(check): raise RuntimeError(f"loss became {check.item()} at benchmark step {self.step}")
-        mark("loss")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward(); mark("backward")
-        self.optimizer.step(); mark("optimizer")
-        update_target(self.target, self.online.without_predictor(), self.taus[k]); mark("ema")
+        loss, _, _ = train_step(self.parts, batch, min(self.step, len(self.parts.lrs) - 1), mark)
         self.step += 1
-        return check.item()
+        return loss.item()
 
 
 def time_epoch(loader, step, warmup: int, steps: int, sync, barrier=None) -> float:

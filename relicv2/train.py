@@ -14,7 +14,7 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from .config import RunConfig, to_dict
 from . import data as rdata
-from .checkpoint import (CKPT_FORMAT, CheckpointError, ResumableSampler, check_resumable, list_checkpoints,
+from .checkpoint import (CheckpointError, ResumableSampler, check_resumable, list_checkpoints,
                                 load_checkpoint, make_generators, remove_stale_temporaries, rng_state, save_checkpoint,
                                 seed_everything, set_rng_state)
 from .metrics import MetricsLog, plot_metrics
@@ -39,7 +39,7 @@ from .views import ViewGenerator
 
 # %% auto #0
 __all__ = ['SupervisedNetwork', 'tune_malloc', 'TrainingDiverged', 'non_finite', 'RunResult', 'RunInterrupted', 'StopSignals',
-           'fit', 'monitor']
+           'StepParts', 'build_step', 'train_step', 'fit', 'monitor']
 
 # %% ../nbs/09_train.ipynb #3dd78f50
 class SupervisedNetwork(nn.Module):
@@ -133,6 +133,91 @@ class StopSignals:
 
     def __exit__(self, *exc): self.restore()
 
+# %% ../nbs/09_train.ipynb #9a000002
+@dataclass
+class StepParts:
+    "What every step of a run uses, built once by `build_step`."
+    cfg: RunConfig  # the run's config
+    env: DistEnv  # this process's rank, world size and device
+    views: ViewGenerator  # makes the L large and S small views on the device
+    online: nn.Module  # the trained network: `OnlineNetwork`, or `SupervisedNetwork` for the baseline
+    target: Optional[nn.Module]  # the EMA network (None for the supervised baseline)
+    forward: Callable  # `online`, wrapped in DDP and torch.compile when the config asks
+    criterion: Optional[ReLICv2Loss]  # the loss (None: cross-entropy, the supervised baseline)
+    optimizer: torch.optim.Optimizer
+    scaler: Optional[torch.amp.GradScaler]  # fp16 only
+    lrs: torch.Tensor  # (K,) learning rate of every step
+    taus: torch.Tensor  # (K,) EMA momentum of every step
+    gens: dict  # this process's 'views' and 'loss' generators
+    b: int  # this process's share of the batch
+
+def build_step(cfg: RunConfig,  # the run
+               env: DistEnv,  # this process
+               n_classes: int,  # classes of the training set (the supervised baseline's output size; 0: unlabelled)
+               steps_per_epoch: int,  # optimisation steps in one epoch (the schedules' length is epochs x this)
+              ) -> StepParts:
+    "The networks, loss, optimiser, schedules and generators of a run, on its device, in the order `fit` seeds them."
+    tc, dev = cfg.train, env.device
+    views = ViewGenerator.from_config(cfg.views)
+    online, target = build_networks(cfg.encoder, cfg.heads)
+    if cfg.loss.objective == "supervised":
+        if not n_classes: raise ValueError(f"loss.objective='supervised' needs a labelled dataset; {cfg.data.dataset!r} has no classes")
+        online, target = SupervisedNetwork(online.encoder, n_classes), None
+    if tc.sync_bn and env.distributed:
+        online = sync_batchnorm(online, dev)
+        target = sync_batchnorm(target, dev) if target is not None else None
+    online.to(dev)
+    if target is not None: target.to(dev)
+    model = DistributedDataParallel(online, device_ids=[dev] if dev.type == "cuda" else None) if env.distributed else online
+    return StepParts(cfg, env, views, online, target, torch.compile(model) if tc.compile else model,
+                     None if target is None else ReLICv2Loss.from_config(cfg.loss), optimizer_from_config(cfg.optim, online),
+                     torch.amp.GradScaler("cuda") if tc.precision == "fp16" else None,
+                     lr_schedule_from_config(cfg.optim, tc.batch_size, steps_per_epoch, tc.epochs),
+                     momentum_schedule(tc.epochs * steps_per_epoch, cfg.target.tau_base),
+                     make_generators(tc.seed, env.rank, dev), tc.batch_size // env.world_size)
+
+def _no_mark(name: str) -> None: pass
+
+def train_step(p: StepParts,  # from `build_step`
+               batch: rdata.Batch,  # this process's images (uint8), masks and labels, on the device
+               step: int,  # index into the schedules
+               mark: Optional[Callable[[str], None]] = None,  # called with 'views', 'forward', 'loss', 'backward', 'optimizer', 'ema'
+              ) -> tuple[torch.Tensor, dict, torch.Tensor]:  # loss averaged over processes (0-dim), its terms, (L, b) masked views
+    "One optimisation step: views, forward passes, loss, finiteness check, backward, optimiser step, EMA."
+    mark, dev, env = mark or _no_mark, p.env.device, p.env
+    set_lr(p.optimizer, p.lrs[step])
+    # views are made here, on the training device, from uint8 images: per-image draws, batched ops
+    v = p.views(batch.images, batch.masks, batch.has_mask, generator=p.gens["views"]); mark("views")
+    with _autocast(dev, p.cfg.train.precision):
+        out = p.forward(v.large + v.small)  # one pass per view size
+        if p.target is not None:
+            with torch.no_grad(): t_out = p.target(v.large)
+    mark("forward")
+    if p.criterion is None:  # the baseline: every view is a labelled example
+        loss = F.cross_entropy(torch.cat(out).float(), batch.labels.repeat(len(out)))
+        terms = {"cross_entropy": loss.detach()}
+    else:
+        # negatives come from the global batch: gather every process's rows (online ones with gradient)
+        o, t = _stack_gather(out, with_grad=True), _stack_gather(t_out, with_grad=False)
+        anchors = torch.arange(env.rank * p.b, (env.rank + 1) * p.b, device=dev) if env.distributed else None
+        L = p.cfg.views.n_large
+        loss, terms = p.criterion(o[:L], o[L:], t, anchors=anchors, generator=p.gens["loss"])
+    # stop on divergence before the optimiser touches the weights; every process agrees
+    check = loss.detach().float().clone()
+    if env.distributed: dist.all_reduce(check); check /= env.world_size
+    if not torch.isfinite(check): raise TrainingDiverged(f"loss became {check.item()} at step {step}")
+    mark("loss")
+    p.optimizer.zero_grad(set_to_none=True)
+    if p.scaler is None:
+        loss.backward(); mark("backward"); p.optimizer.step()
+    else:
+        p.scaler.scale(loss).backward(); mark("backward"); p.scaler.step(p.optimizer); p.scaler.update()
+    mark("optimizer")
+    if p.target is not None:  # the target follows the online encoder and projector (never the predictor)
+        update_target(p.target, p.online.without_predictor(), p.taus[step])
+    mark("ema")
+    return check, terms, v.masked
+
 # %% ../nbs/09_train.ipynb #76b73eef
 def fit(cfg: RunConfig,  # the whole run, e.g. `preset("demo")`
         resume: bool | str | Path = True,  # True: continue from the newest checkpoint in out_dir; a path: from that file
@@ -168,27 +253,10 @@ def fit(cfg: RunConfig,  # the whole run, e.g. `preset("demo")`
     loader = DataLoader(dataset, batch_size=b, sampler=sampler, drop_last=True, collate_fn=rdata.collate,
                         num_workers=cfg.data.num_workers, pin_memory=cfg.data.pin_memory and dev.type == "cuda",
                         persistent_workers=False)
-    views = ViewGenerator.from_config(cfg.views)
-    # ---------------- networks ----------------
-    supervised = cfg.loss.objective == "supervised"
-    online, target = build_networks(cfg.encoder, cfg.heads)
-    if supervised:
-        if not n_classes: raise ValueError(f"loss.objective='supervised' needs a labelled dataset; {cfg.data.dataset!r} has no classes")
-        online, target = SupervisedNetwork(online.encoder, n_classes), None
-    if tc.sync_bn and env.distributed:
-        online = sync_batchnorm(online, dev)
-        target = sync_batchnorm(target, dev) if target is not None else None
-    online.to(dev)
-    if target is not None: target.to(dev)
-    model = DistributedDataParallel(online, device_ids=[dev] if dev.type == "cuda" else None) if env.distributed else online
-    forward = torch.compile(model) if tc.compile else model
-    # ---------------- loss, optimiser, schedules ----------------
-    criterion = None if supervised else ReLICv2Loss.from_config(cfg.loss)
-    optimizer = optimizer_from_config(cfg.optim, online)
-    scaler = torch.amp.GradScaler("cuda") if tc.precision == "fp16" else None
-    lrs = lr_schedule_from_config(cfg.optim, tc.batch_size, steps_per_epoch, tc.epochs)
-    taus = momentum_schedule(total, cfg.target.tau_base)
-    gens = make_generators(tc.seed, env.rank, dev)
+    # ---------------- networks, loss, optimiser, schedules, generators: what every step uses ----------------
+    parts = build_step(cfg, env, n_classes, steps_per_epoch)
+    online, target, optimizer, scaler, gens = parts.online, parts.target, parts.optimizer, parts.scaler, parts.gens
+    supervised = target is None
     # ---------------- resume ----------------
     if env.is_main: remove_stale_temporaries(run_dir)  # half-written checkpoints of a killed run: never resumed from
     step, ckpt_path = 0, None
@@ -209,7 +277,7 @@ def fit(cfg: RunConfig,  # the whole run, e.g. `preset("demo")`
     elif list_checkpoints(run_dir):
         raise CheckpointError(f"{str(run_dir)!r} already holds checkpoints; resume, or choose another train.out_dir")
     log = MetricsLog(run_dir / "metrics.jsonl", resume_step=step, enabled=env.is_main, tensorboard=tc.tensorboard)
-    init_share = target_init_share(taus) if target is not None else None  # under 1% is what a short run wants
+    init_share = target_init_share(parts.taus) if target is not None else None  # under 1% is what a short run wants
     if env.is_main:
         from relicv2.config import save_config
         save_config(cfg, run_dir / "config.yaml")
@@ -257,43 +325,18 @@ def fit(cfg: RunConfig,  # the whole run, e.g. `preset("demo")`
                 if step >= end: break
                 batch = batch.to(dev, non_blocking=True)
                 wait += time.perf_counter() - t_wait
-                set_lr(optimizer, lrs[step])
-                # views are made here, on the training device, from uint8 images: per-image draws, batched ops
-                v = views(batch.images, batch.masks, batch.has_mask, generator=gens["views"])
-                masked = masked + v.masked.sum() if n_with_mask is not None else masked  # large views with background removed
-                with _autocast(dev, tc.precision):
-                    out = forward(v.large + v.small)  # one pass per view size
-                    if target is not None:
-                        with torch.no_grad(): t_out = target(v.large)
-                if supervised:  # the baseline: every view is a labelled example
-                    loss = F.cross_entropy(torch.cat(out).float(), batch.labels.repeat(len(out)))
-                    terms = {"cross_entropy": loss.detach()}
-                else:
-                    # negatives come from the global batch: gather every process's rows (online ones with gradient)
-                    o = _stack_gather(out, with_grad=True)
-                    t = _stack_gather(t_out, with_grad=False)
-                    anchors = torch.arange(env.rank * b, (env.rank + 1) * b, device=dev) if env.distributed else None
-                    loss, terms = criterion(o[:L], o[L:], t, anchors=anchors, generator=gens["loss"])
-                # stop on divergence before the optimiser touches the weights; every process agrees
-                check = loss.detach().float().clone()
-                if env.distributed: dist.all_reduce(check); check /= W
-                if not torch.isfinite(check):
-                    raise TrainingDiverged(f"loss became {check.item()} at step {step}; the last good checkpoint is "
-                                           f"{str(ckpt_path) if ckpt_path else 'none (no checkpoint was written yet)'}")
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is None:
-                    loss.backward(); optimizer.step()
-                else:
-                    scaler.scale(loss).backward(); scaler.step(optimizer); scaler.update()
-                if target is not None:  # the target follows the online encoder and projector (never the predictor)
-                    update_target(target, online.without_predictor(), taus[step])
+                try: check, terms, v_masked = train_step(parts, batch, step)  # the paper's step (see above)
+                except TrainingDiverged as e:  # nothing was stepped: the last checkpoint is good
+                    raise TrainingDiverged(f"{e}; the last good checkpoint is "
+                                           f"{str(ckpt_path) if ckpt_path else 'none (no checkpoint was written yet)'}") from None
+                if n_with_mask is not None: masked = masked + v_masked.sum()  # large views with background removed
                 step += 1
                 loss_value = check.item(); bar.update(1, loss=loss_value)
                 if step % tc.log_every == 0 or step == end:
                     now = time.perf_counter(); dt = now - t_last; t_last = now
                     n = tc.log_every if step % tc.log_every == 0 else (step % tc.log_every)
                     log.write(step=step, epoch=epoch, loss=loss_value, **{k: float(x) for k, x in terms.items()},
-                              lr=float(lrs[step - 1]), ema=float(taus[step - 1]), images_per_s=n * tc.batch_size / dt,
+                              lr=float(parts.lrs[step - 1]), ema=float(parts.taus[step - 1]), images_per_s=n * tc.batch_size / dt,
                               data_wait=min(wait / dt, 1.0),
                               **({"masked_views": float(masked) / (n * b * L)} if n_with_mask is not None else {}))
                     masked = 0
