@@ -21,7 +21,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import _common as C
-from relicv2.encoder import multicrop_forward, resnet
+from relicv2.encoder import resnet
+from relicv2.networks import multicrop_forward
 
 
 def gemm_peak(n: int, repeats: int, device, sync) -> float:

@@ -413,7 +413,7 @@ class PixelEncoder(nn.Module):
 
 def initial_encoder(cfg) -> nn.Module:
     "The encoder of a run of `cfg` (a `RunConfig`) at its random initialisation: the weights `fit` starts from."
-    from relicv2.encoder import build_networks
+    from relicv2.networks import build_networks
     torch.manual_seed(cfg.train.seed)  # fit seeds every generator with train.seed, then builds the networks first
     return build_networks(cfg.encoder, cfg.heads)[0].encoder
 

@@ -30,7 +30,7 @@ from .checkpoint import (CheckpointError, ResumableSampler, check_resumable, lis
                                 seed_everything, set_rng_state)
 from .metrics import MetricsLog, plot_metrics
 from .distributed import DistEnv, init_distributed, gather, gather_with_grad, sync_batchnorm
-from .encoder import build_networks, multicrop_forward
+from .networks import SupervisedNetwork, build_networks
 from .loss import ReLICv2Loss
 from .optim import lr_schedule_from_config, optimizer_from_config, set_lr
 from .target import momentum_schedule, target_init_share, update_target
@@ -38,19 +38,8 @@ from .progress import Progress, ProgressArg
 from .views import ViewGenerator
 
 # %% auto #0
-__all__ = ['SupervisedNetwork', 'tune_malloc', 'TrainingDiverged', 'non_finite', 'RunResult', 'RunInterrupted', 'StopSignals',
-           'StepParts', 'build_step', 'train_step', 'fit', 'monitor']
-
-# %% ../nbs/09_train.ipynb #3dd78f50
-class SupervisedNetwork(nn.Module):
-    "Encoder -> linear classifier, for the supervised baseline (`loss.objective='supervised'`)."
-    def __init__(self, encoder: nn.Module, n_classes: int):
-        super().__init__()
-        self.encoder, self.classifier = encoder, nn.Linear(encoder.feat_dim, n_classes)
-
-    def forward(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:  # (B, n_classes) logits per view
-        if isinstance(x, torch.Tensor): return self.classifier(self.encoder(x))
-        return multicrop_forward(lambda v: self.classifier(self.encoder(v)), x)
+__all__ = ['tune_malloc', 'TrainingDiverged', 'non_finite', 'RunResult', 'RunInterrupted', 'StopSignals', 'StepParts',
+           'build_step', 'train_step', 'fit', 'monitor']
 
 # %% ../nbs/09_train.ipynb #0f2d70da
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers (malloc.h)

@@ -8,8 +8,8 @@ import torchvision
 from torch import nn
 
 from relicv2.config import EncoderConfig, HeadConfig, preset
-from relicv2.encoder import (ARCHS, TORCHVISION_ARCHS, BasicBlock, Bottleneck, MLPHead, OnlineNetwork, ResNet,
-                             TargetNetwork, build_networks, export_torchvision, multicrop_forward, resnet)
+from relicv2.encoder import ARCHS, TORCHVISION_ARCHS, BasicBlock, Bottleneck, ResNet, export_torchvision, resnet
+from relicv2.networks import MLPHead, OnlineNetwork, TargetNetwork, build_networks, multicrop_forward
 
 
 def shapes(sd):
