@@ -29,9 +29,9 @@ class DataConfig:
     image_size: int = 224  # [B] side of the decoded uint8 images handed to the view generator
     num_workers: int = 0  # DataLoader workers; they only decode uint8 images and masks
     pin_memory: bool = False  # pin host memory (useful with a GPU)
-    synthetic_size: int = 64  # [R] side of the generated synthetic images
-    synthetic_train: int = 5000  # [R] number of synthetic training images
-    spurious_correlation: float = 0.9  # [R] P(background family matches the class) in the synthetic training split
+    synthetic_size: int = 64  # [R] side of the generated images (`synthetic`, `spurious`)
+    synthetic_train: int = 5000  # [R] number of generated training images
+    spurious_correlation: float = 0.9  # [R] P(background family matches the class) in the generated train and test splits
     train_subset: Optional[int] = None  # pretrain on the first N training images only (budgeted runs); None = all
 
 # %% ../nbs/00_config.ipynb #4a618c81
@@ -339,8 +339,15 @@ PRESETS["fashion-mnist"] = {  # the Fashion-MNIST benchmark: the demo network an
     "eval": {**PRESETS["demo"]["eval"], "linear_solver": "lbfgs"},  # a converged probe: raw pixels are a strong baseline here
 }
 
+PRESETS["spurious"] = {  # the spurious-correlation benchmark (01a_spurious): the same network and recipe on 24 px shapes
+    **PRESETS["fashion-mnist"],
+    "data": {"dataset": "spurious", "image_size": 24, "synthetic_size": 24, "synthetic_train": 10000, "spurious_correlation": 0.95},
+    "views": {**PRESETS["demo"]["views"], "large_size": 24, "small_size": 12, "mask_prob": 0.1},  # exact masks: p_m as the paper
+    "train": {**PRESETS["fashion-mnist"]["train"], "epochs": 8, "out_dir": "runs/spurious", "monitor_steps": 39},  # 312 steps
+}
+
 def preset(name: str) -> RunConfig:
-    "The named preset: `tiny` (tests), `demo` (a 2-core CPU), `fashion-mnist` (the CPU benchmark) or `paper` (ImageNet)."
+    "The named preset: `tiny` (tests), `demo` (a 2-core CPU), `fashion-mnist` and `spurious` (CPU benchmarks) or `paper` (ImageNet)."
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}{_near(name, PRESETS)}; allowed: {', '.join(PRESETS)}")
     return update(RunConfig(), PRESETS[name])

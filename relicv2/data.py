@@ -176,8 +176,8 @@ DEFAULT_SPLIT_SIZES = {"train": 5000, "test": 1000, "test_ood": 1000}
 BLOCK = 256  # images per generator block
 GENERATOR_VERSION = 1  # bump when the drawing or rendering changes: it is part of the cache key
 
-def _block_seed(seed: int, split: str, block: int) -> int:
-    return int.from_bytes(hashlib.sha256(f"relicv2-synthetic/{seed}/{split}/{block}".encode()).digest()[:8], "little") >> 1
+def _block_seed(seed: int, split: str, block: int, generator: str = "synthetic") -> int:
+    return int.from_bytes(hashlib.sha256(f"relicv2-{generator}/{seed}/{split}/{block}".encode()).digest()[:8], "little") >> 1
 
 def _far_colours(g, ref, k=6, min_dist=100.0):
     "(B, 3) colours at least `min_dist` from `ref` (B, 3), the farthest of `k` candidates if none is."
@@ -535,14 +535,17 @@ def torchvision_dataset(name: str,  # 'cifar10', 'cifar100' or 'stl10'
     return TensorImages(images, labels, None, getattr(ds, "classes", None), image_size)
 
 # %% ../nbs/01_data.ipynb #64f6e531
-DATASETS = ("synthetic", "fashion-mnist", "imagefolder", "cifar10", "cifar100", "stl10")
-_ALLOWED = "synthetic, fashion-mnist[:PATH], imagefolder:PATH[,masks=PATH], cifar10:PATH, cifar100:PATH, stl10:PATH"
+DATASETS = ("synthetic", "spurious", "fashion-mnist", "imagefolder", "cifar10", "cifar100", "stl10")
+_ALLOWED = "synthetic, spurious[:background=none], fashion-mnist[:PATH], imagefolder:PATH[,masks=PATH], cifar10:PATH, cifar100:PATH, stl10:PATH"
 
 def _parse(name: str) -> tuple[str, str, dict]:
     "Split a dataset name into (scheme, path, options)."
     scheme, _, arg = name.partition(":")
     if scheme not in DATASETS: raise ValueError(f"unknown dataset {name!r}; allowed: {_ALLOWED}")
     if scheme == "synthetic" and arg: raise ValueError(f"dataset 'synthetic' takes no path, got {name!r}; pass n=, seed=... as keywords")
+    if scheme == "spurious":  # the benchmark of 01a_spurious; its one option removes the backgrounds
+        if arg not in ("", "background=none"): raise ValueError(f"dataset \x27spurious\x27 takes one option, spurious:background=none, got {name!r}")
+        return scheme, "", {"background": False} if arg else {}
     if scheme not in ("synthetic", "fashion-mnist") and not arg: raise ValueError(f"dataset {scheme!r} needs a path: {scheme}:PATH")
     path, *opts = arg.split(",") if scheme == "imagefolder" else [arg]
     kw = {}
@@ -558,7 +561,7 @@ def _parse(name: str) -> tuple[str, str, dict]:
 def dataset_splits(name: str) -> tuple:
     "The splits `make_dataset` accepts for dataset `name` (for `imagefolder`: the sub-folders of its root)."
     scheme, path, _ = _parse(name)
-    if scheme == "synthetic": return SPLITS
+    if scheme in ("synthetic", "spurious"): return SPLITS  # the same three splits
     if scheme == "fashion-mnist": return FashionMNIST.splits
     if scheme == "imagefolder": return tuple(_subdirs(Path(path))) if Path(path).is_dir() else ()
     return _TV[scheme][2]
@@ -574,6 +577,10 @@ def make_dataset(name: str,  # e.g. 'synthetic', 'fashion-mnist:/data/fm', 'imag
     if scheme == "synthetic":
         if image_size is not None: kw.setdefault("size", image_size)
         return SyntheticShapes(split, image_size=image_size, **kw)
+    if scheme == "spurious":
+        from relicv2.spurious import SpuriousShapes  # imported here: relicv2.spurious builds on this module
+        if image_size is not None: kw.setdefault("size", image_size)
+        return SpuriousShapes(split, image_size=image_size, **kw)
     if scheme == "fashion-mnist": return FashionMNIST(path or FASHION_MNIST_ROOT, split, image_size=image_size, **kw)
     if scheme == "imagefolder": return ImageFolderMasked(path, split, image_size=image_size, **kw)
     return torchvision_dataset(scheme, path, split, image_size=image_size, **kw)
@@ -586,7 +593,7 @@ def from_config(data_cfg,  # a `relicv2.config.DataConfig`
                ) -> Dataset:
     "The dataset a `DataConfig` describes."
     if not masks and data_cfg.dataset.partition(":")[0] == "imagefolder": kw.setdefault("masks_root", None)
-    if data_cfg.dataset.partition(":")[0] == "synthetic":
+    if data_cfg.dataset.partition(":")[0] in ("synthetic", "spurious"):  # the generated datasets share these fields
         kw = {"size": data_cfg.synthetic_size, "spurious_correlation": data_cfg.spurious_correlation,
               **({"n": data_cfg.synthetic_train} if split == "train" else {}), **kw}
     image_size = kw.pop("image_size", data_cfg.image_size)  # None: the images at their own size

@@ -534,7 +534,7 @@ def test_make_dataset_parsing(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("name,msg", [
-    ("imagenet:/data", "allowed: synthetic, fashion-mnist"), ("Synthetic", "allowed"), ("", "allowed"),
+    ("imagenet:/data", "allowed: synthetic, spurious"), ("Synthetic", "allowed"), ("", "allowed"),
     ("synthetic:/x", "takes no path"), ("imagefolder", "needs a path"), ("cifar10", "needs a path"),
     ("imagefolder:/x,mask=/m", "imagefolder option must be"), ("imagefolder:/x,skip_corrupt=maybe", "imagefolder option"),
     ("imagefolder:/x,mask_threshold=high", "imagefolder option")])
