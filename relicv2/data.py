@@ -544,7 +544,7 @@ def _parse(name: str) -> tuple[str, str, dict]:
     if scheme not in DATASETS: raise ValueError(f"unknown dataset {name!r}; allowed: {_ALLOWED}")
     if scheme == "synthetic" and arg: raise ValueError(f"dataset 'synthetic' takes no path, got {name!r}; pass n=, seed=... as keywords")
     if scheme == "spurious":  # the benchmark of 01a_spurious; its one option removes the backgrounds
-        if arg not in ("", "background=none"): raise ValueError(f"dataset \x27spurious\x27 takes one option, spurious:background=none, got {name!r}")
+        if arg not in ("", "background=none"): raise ValueError(f"dataset 'spurious' takes one option, spurious:background=none, got {name!r}")
         return scheme, "", {"background": False} if arg else {}
     if scheme not in ("synthetic", "fashion-mnist") and not arg: raise ValueError(f"dataset {scheme!r} needs a path: {scheme}:PATH")
     path, *opts = arg.split(",") if scheme == "imagefolder" else [arg]
