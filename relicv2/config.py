@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
 # %% auto #0
-__all__ = ['Pair', 'RANGES', 'RENAMED', 'SHORT_RUN', 'PRESETS', 'SALIENCY_METHODS', 'CONVERT_FORMATS', 'DataConfig',
+__all__ = ['Pair', 'SALIENCY_METHODS', 'RANGES', 'RENAMED', 'SHORT_RUN', 'PRESETS', 'CONVERT_FORMATS', 'DataConfig',
            'ViewsConfig', 'EncoderConfig', 'HeadConfig', 'LossConfig', 'TargetConfig', 'OptimConfig', 'TrainConfig',
            'EvalConfig', 'RunConfig', 'ConfigError', 'coerce', 'check_range', 'update', 'to_dict', 'preset',
            'atomic_write', 'parse_set', 'load_config', 'save_config']
@@ -33,6 +33,8 @@ class DataConfig:
     synthetic_train: int = 5000  # [R] number of generated training images
     spurious_correlation: float = 0.9  # [R] P(background family matches the class) in the generated train and test splits
     train_subset: Optional[int] = None  # pretrain on the first N training images only (budgeted runs); None = all
+    masks: str = "dataset"  # [R] the large views' saliency masks: `dataset` (its own; exact for generated data), `none`,
+                            # a classical method (`border`...) or `deepusps:WEIGHTS` (trained by relicv2-saliency --train-on)
 
 # %% ../nbs/00_config.ipynb #4a618c81
 Pair = tuple[float, float]
@@ -227,10 +229,13 @@ _PROB_PAIR = (lambda v: all(0.0 <= x <= 1.0 for x in v)), "a pair of probabiliti
 _AREA = (lambda v: 0.0 < v[0] <= v[1] <= 1.0), "a pair lo,hi with 0 < lo <= hi <= 1 (shares of the image area)"
 _POS_PAIR = (lambda v: 0.0 < v[0] <= v[1] < math.inf), "a pair lo,hi with 0 < lo <= hi"
 _OPT_GE1 = (lambda v: v is None or v >= 1), "none or an int >= 1"
+SALIENCY_METHODS = ("spectral", "frequency", "border", "fusion", "deepusps")  # relicv2.saliency.METHODS, each explained there
+_MASKS = ((lambda v: v in ("dataset", "none") or v in SALIENCY_METHODS[:-1] or (v.startswith("deepusps:") and len(v) > 9)),
+          "'dataset', 'none', a classical saliency method (spectral, frequency, border, fusion) or deepusps:WEIGHTS")
 
 RANGES = {  # field -> (accepts(value), what it accepts); every float must also be finite
     "data.image_size": _ge(1), "data.num_workers": _ge(0), "data.synthetic_size": _ge(8), "data.synthetic_train": _ge(1),
-    "data.spurious_correlation": _PROB, "data.train_subset": _OPT_GE1,
+    "data.spurious_correlation": _PROB, "data.train_subset": _OPT_GE1, "data.masks": _MASKS,
     "views.n_large": _ge(1), "views.n_small": _ge(0), "views.large_size": _ge(1), "views.small_size": _ge(1),
     "views.large_scale": _AREA, "views.small_scale": _AREA, "views.ratio": _POS_PAIR, "views.flip_prob": _PROB,
     "views.jitter_prob": _PROB, "views.brightness": _PROB, "views.contrast": _PROB, "views.saturation": _PROB,
@@ -431,5 +436,4 @@ def save_config(cfg: RunConfig, path: str | Path) -> Path:
     return atomic_write(path, text)
 
 # %% ../nbs/00_config.ipynb #cd116aa6
-SALIENCY_METHODS = ("spectral", "frequency", "border", "fusion", "deepusps")  # relicv2.saliency.METHODS, each explained there
 CONVERT_FORMATS = ("auto", "torchvision", "relicv2")  # what relicv2-convert writes (relicv2.pretrained.save_converted)

@@ -502,8 +502,9 @@ def mask_count(ds: Dataset) -> Optional[int]:
         inner = ds.dataset
         if isinstance(inner, ImageFolderMasked): return sum(inner.samples[i][2] is not None for i in ds.indices)
         if isinstance(inner, TensorImages): return 0 if inner.masks is None else len(ds.indices)
+        if isinstance(getattr(inner, "has_mask", None), torch.Tensor): return int(inner.has_mask[list(ds.indices)].sum())
         return None
-    if isinstance(ds, ImageFolderMasked): return ds.n_masks
+    if isinstance(ds, ImageFolderMasked) or isinstance(getattr(ds, "has_mask", None), torch.Tensor): return ds.n_masks  # e.g. relicv2.saliency.SaliencyMasked
     if isinstance(ds, TensorImages): return 0 if ds.masks is None else len(ds)
     return None
 
@@ -588,13 +589,23 @@ def make_dataset(name: str,  # e.g. 'synthetic', 'fashion-mnist:/data/fm', 'imag
 # %% ../nbs/01_data.ipynb #a673867d
 def from_config(data_cfg,  # a `relicv2.config.DataConfig`
                 split: str,  # the split to build
-                masks: bool = True,  # False: leave an imagefolder's mask tree out (evaluation never reads masks)
+                masks: bool = True,  # False: no masks at all (evaluation never reads them): no mask tree, none computed
+                progress=None,  # how computed masks (`data.masks`) report progress: see `relicv2.progress.progress_mode`
                 **kw,  # extra constructor arguments (override the config's, image_size included)
                ) -> Dataset:
-    "The dataset a `DataConfig` describes."
-    if not masks and data_cfg.dataset.partition(":")[0] == "imagefolder": kw.setdefault("masks_root", None)
-    if data_cfg.dataset.partition(":")[0] in ("synthetic", "spurious"):  # the generated datasets share these fields
+    "The dataset a `DataConfig` describes, with the masks `data_cfg.masks` names (see `relicv2.saliency.SaliencyMasked`)."
+    scheme, source = data_cfg.dataset.partition(":")[0], getattr(data_cfg, "masks", "dataset")
+    if scheme == "imagefolder" and masks and source not in ("dataset", "none"):
+        raise ValueError(f"data.masks={source!r} computes masks in memory, for generated and in-memory datasets; for an image folder "
+                         f"write a mask tree once (relicv2-saliency ROOT MASKS --method ...) and use imagefolder:ROOT,masks=MASKS")
+    if scheme == "imagefolder" and (not masks or source == "none"): kw.setdefault("masks_root", None)
+    if scheme in ("synthetic", "spurious"):  # the generated datasets share these fields
         kw = {"size": data_cfg.synthetic_size, "spurious_correlation": data_cfg.spurious_correlation,
               **({"n": data_cfg.synthetic_train} if split == "train" else {}), **kw}
     image_size = kw.pop("image_size", data_cfg.image_size)  # None: the images at their own size
-    return make_dataset(data_cfg.dataset, split, image_size=image_size, **kw)
+    ds = make_dataset(data_cfg.dataset, split, image_size=image_size, **kw)
+    if masks and source != "dataset" and scheme != "imagefolder":
+        from relicv2.saliency import SaliencyMasked  # imported here: relicv2.saliency builds on this module
+        ds = SaliencyMasked(ds, source, progress=progress)
+    return ds
+

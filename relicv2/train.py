@@ -34,7 +34,7 @@ from .networks import SupervisedNetwork, build_networks
 from .loss import ReLICv2Loss
 from .optim import lr_schedule_from_config, optimizer_from_config, set_lr
 from .target import momentum_schedule, target_init_share, update_target
-from .progress import Progress, ProgressArg
+from .progress import Progress, ProgressArg, announce
 from .views import ViewGenerator
 
 # %% auto #0
@@ -226,15 +226,17 @@ def fit(cfg: RunConfig,  # the whole run, e.g. `preset("demo")`
     run_dir = Path(tc.out_dir)
     seed_everything(tc.seed)  # the same initial weights on every process
     # ---------------- data ----------------
-    dataset = rdata.from_config(cfg.data, "train")
+    dataset = rdata.from_config(cfg.data, "train", progress=progress if env.is_main else False)
     n_classes = len(getattr(dataset, "classes", None) or [])
+    if env.is_main and getattr(dataset, "summary", None): announce(f"pretraining: {dataset.summary}", progress)  # computed masks
     if cfg.data.train_subset is not None:  # drawn by seed, not the first N (which, in class order, can be one class)
         keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(tc.seed))[:cfg.data.train_subset]
         dataset = torch.utils.data.Subset(dataset, sorted(keep.tolist()))
     n_with_mask = rdata.mask_count(dataset) if cfg.views.mask_prob > 0 else None  # masking that cannot happen is said now
     if n_with_mask == 0 and env.is_main:
         warnings.warn(f"views.mask_prob={cfg.views.mask_prob} but no training image has a mask: no view will have its "
-                      "background removed (masks come with data.dataset=imagefolder:PATH,masks=PATH)")
+                      "background removed (masks come with the generated datasets, with data.dataset=imagefolder:PATH,masks=PATH, "
+                      "or from data.masks=border or deepusps:WEIGHTS)")
     steps_per_epoch = len(dataset) // tc.batch_size
     if steps_per_epoch == 0: raise ValueError(f"the training set has {len(dataset)} images, fewer than train.batch_size={tc.batch_size}")
     total = tc.epochs * steps_per_epoch

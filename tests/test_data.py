@@ -558,3 +558,27 @@ def test_from_config(tmp_path):
     root = tree(tmp_path)
     ds = D.from_config(DataConfig(dataset=f"imagefolder:{root}", image_size=8), "train")
     assert ds[0][0].shape == (3, 8, 8)
+
+
+def test_from_config_masks_source(tmp_path):
+    "data.masks: the dataset's own masks, none, or masks computed from the pixels (training only; evaluation computes none)."
+    from dataclasses import replace
+    from relicv2.config import ConfigError, preset, update
+    from relicv2.saliency import SaliencyMasked
+    cfg = DataConfig(dataset="spurious", image_size=24, synthetic_size=24, synthetic_train=16, masks="border")
+    ds = D.from_config(cfg, "train")
+    assert isinstance(ds, SaliencyMasked) and len(ds) == 16 and D.mask_count(ds) == ds.n_masks > 8
+    assert ds.classes == D.from_config(cfg, "train", masks=False).classes
+    assert type(D.from_config(cfg, "train", masks=False)).__name__ == "SpuriousShapes"
+    assert D.mask_count(D.from_config(replace(cfg, masks="none"), "train")) == 0
+    assert D.mask_count(D.from_config(replace(cfg, masks="dataset"), "train")) == 16
+    assert D.mask_count(torch.utils.data.Subset(ds, [1, 2, 3])) == int(ds.has_mask[1:4].sum())
+    root = tree(tmp_path)
+    assert D.from_config(DataConfig(dataset=f"imagefolder:{root}", image_size=8, masks="none"), "train")[0][1] is None
+    with pytest.raises(ValueError, match="write a mask tree once"):
+        D.from_config(replace(cfg, dataset=f"imagefolder:{root}"), "train")
+    with pytest.raises(ValueError, match="data.masks must be one of"):
+        D.from_config(replace(cfg, masks="magic"), "train")
+    for bad in ("deepusps", "deepusps:", "true", "Border"):
+        with pytest.raises(ConfigError, match="data.masks"): update(preset("tiny"), {"data.masks": bad})
+    assert update(preset("tiny"), {"data.masks": "deepusps:w.pt"}).data.masks == "deepusps:w.pt"

@@ -13,7 +13,7 @@ from relicv2.data import ImageFolderMasked, SyntheticShapes
 from relicv2.saliency import (CLASSICAL, LOG, MANIFEST, METHODS, SaliencyMeter, SaliencyUNet, binarize, clean_mask,
                               compute_saliency, deepusps_saliency, evaluate_methods, fbeta_adaptive, fbeta_max,
                               iou_score, load_deepusps, mae_score, masks_at_size, otsu_threshold, pr_curves,
-                              saliency_to_mask, save_deepusps, train_deepusps, write_masks)
+                              saliency_to_mask, save_deepusps, train_deepusps, write_masks, SaliencyMasked)
 from relicv2.cli import saliency_main
 
 ALL = [*CLASSICAL, "fusion"]
@@ -361,6 +361,36 @@ def test_cli_train_then_deepusps_masks_and_evaluate(synth, tmp_path):
     assert r.stdout.splitlines()[0].split()[:3] == ["method", "iou", "mae"] and "deepusps" in r.stdout
 
 
+def test_saliency_masked_equals_masks_at_size_and_drops_unusable(synth, tiny_model, tmp_path):
+    from relicv2.data import TensorImages
+    imgs = synth[0].clone(); imgs[0] = 128  # a constant image: no usable mask
+    ds = TensorImages(imgs, torch.arange(len(imgs)) % 3, synth[1], classes=["a", "b", "c"])
+    w = save_deepusps(tiny_model, tmp_path / "w.pt")
+    for source, method, model, size in [("border", "border", None, 64), (f"deepusps:{w}", "deepusps", tiny_model, 32)]:
+        sm = SaliencyMasked(ds, source, batch_size=5, progress=False)  # batches of 5: the result is batch-independent
+        want = masks_at_size(list(imgs), method, model, size)
+        assert sm.n_masks == sum(ok for _, _, ok in want) and sm.classes == ["a", "b", "c"] and len(sm) == len(ds)
+        assert f"{sm.n_masks} of {len(ds)} images have a mask" in sm.summary
+        for i, (_, m, ok) in enumerate(want):
+            img, got, label = sm[i]
+            assert torch.equal(img, imgs[i]) and label == i % 3 and (got is None) == (not ok)
+            assert got is None or torch.equal(got, m)
+        if method == "border": assert sm[0][1] is None and sm.n_masks == len(ds) - 1
+
+
+def test_cli_trains_on_and_evaluates_a_generated_dataset(tmp_path):
+    w, res = tmp_path / "w.pt", tmp_path / "r.json"
+    r = cli("--train-on", "spurious", "--train-images", "16", "--epochs", "1", "--rounds", "0", "--size", "24", "--weights", w,
+            "--evaluate", "spurious", "--methods", "spectral,deepusps", "--results", res, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    import json
+    rec = json.loads(res.read_text())
+    assert rec["training"]["data"] == "spurious" and rec["training"]["images"] == 16 and rec["evaluation"]["reference"] == "spurious"
+    assert rec["threads"] >= 1 and rec["cpus"] >= 1 and rec["finished"].endswith("UTC")  # where and when it was measured
+    assert set(rec["evaluation"]["results"]) == {"spectral", "deepusps"}
+    assert all(v["images"] == 2000 for v in rec["evaluation"]["results"].values())  # the whole generated test split
+
+
 @pytest.mark.parametrize("args, needle", [
     ([], "nothing to do"),
     (["IN"], "missing OUTPUT"),
@@ -372,7 +402,8 @@ def test_cli_train_then_deepusps_masks_and_evaluate(synth, tmp_path):
     (["IN", "OUT", "--clean", "2"], "odd int"),
     (["IN", "OUT", "--min-coverage", "0.5", "--max-coverage", "0.1"], "min_coverage"),
     (["--train-on", "nowhere"], "needs --weights"),
-    (["--train-on", "nowhere", "--weights", "w.pt"], "'synthetic' or an existing image folder"),
+    (["--train-on", "nowhere", "--weights", "w.pt"], "an existing image folder or a dataset"),
+    (["--train-on", "spurious:nope", "--weights", "w.pt"], "dataset 'spurious' takes one option"),
     (["--evaluate", "masks"], "needs INPUT"),
     (["IN", "--evaluate", "IN", "--methods", "border,magic"], "comma-separated list"),
 ])

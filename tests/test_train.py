@@ -312,6 +312,15 @@ def test_mask_coverage_is_reported_and_masking_without_masks_is_warned(tmp_path)
         fit(cfg, max_steps=1, progress=False)
 
 
+def test_masks_computed_from_the_pixels_reach_the_views(tmp_path, capsys):
+    cfg = tiny(tmp_path / "b", **{"views.mask_prob": 0.5, "data.masks": "border", "train.log_every": 1, "train.monitor_steps": 0})
+    res = fit(cfg, max_steps=2, progress="lines")  # lines: the summary is said (progress=False says nothing)
+    cover = next(r for r in train.MetricsLog.read(res.run_dir / "metrics.jsonl") if "images_with_mask" in r)
+    from relicv2.data import from_config
+    n = from_config(cfg.data, "train").n_masks
+    assert cover["images_with_mask"] == n > 0 and f"pretraining: data.masks=border: {n} of 64 images have a mask" in capsys.readouterr().err
+
+
 def test_a_killed_checkpoint_write_leaves_nothing_behind_once_the_run_resumes(tmp_path):
     cfg = tiny(tmp_path / "run")
     fit(cfg, max_steps=2, progress=False)
