@@ -733,6 +733,10 @@ def write_masks(input_root,  # ImageFolder tree (any layout: every image under i
     return _summary(dst, rels, done, written, len(unreadable))
 
 # %% ../nbs/03_saliency.ipynb #c23e2caf
+def _subset(total: int, n: int, seed: int) -> list[int]:
+    "All indices when there are at most n, else a seeded random n of them, in order."
+    return list(range(total)) if total <= n else sorted(torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n].tolist())
+
 def load_training_images(data: str, n: int = 3000, size: int = 64, seed: int = 0) -> Tensor:
     "Unlabeled training images (N, 3, size, size) uint8: an image folder, or a dataset's training split ('synthetic', 'spurious'...)."
     if n < 2: raise ValueError(f"--train-images must be >= 2, got {n}")
@@ -740,13 +744,12 @@ def load_training_images(data: str, n: int = 3000, size: int = 64, seed: int = 0
     root = Path(data)
     if not root.is_dir() and data.partition(":")[0] in DATASETS:  # a dataset's own images, at its own size, resized
         ds = make_dataset(data, "train", **({"n": n} if data.partition(":")[0] == "spurious" else {}))
-        pick = range(len(ds)) if len(ds) <= n else sorted(torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].tolist())
-        return torch.cat([resize(ds[i][0][None].float(), (size, size)).round().clamp(0, 255).to(torch.uint8) for i in pick])
+        return torch.cat([resize(ds[i][0][None].float(), (size, size)).round().clamp(0, 255).to(torch.uint8) for i in _subset(len(ds), n, seed)])
     if not root.is_dir():
         raise ValueError(f"--train-on must be an existing image folder or a dataset ({', '.join(DATASETS)}), got {data!r}")
     rels = list_images(root)
     if len(rels) < 2: raise ValueError(f"--train-on folder {data} holds {len(rels)} images; need at least 2")
-    if len(rels) > n: rels = [rels[i] for i in sorted(torch.randperm(len(rels), generator=torch.Generator().manual_seed(seed))[:n].tolist())]
+    rels = [rels[i] for i in _subset(len(rels), n, seed)]
     out = []
     for r in rels:
         try: out.append((resize(_read_rgb(root / r)[None].float(), (size, size)).round().clamp(0, 255)).to(torch.uint8))
