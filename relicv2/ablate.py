@@ -15,13 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .config import ConfigError, RunConfig, atomic_write, preset, update, _read_file, PRESETS
+from .config import ConfigError, RunConfig, atomic_write, preset, to_dict, update, _read_file, PRESETS
 from .evaluate import BASELINES
 from .progress import ProgressArg, announce
 
 # %% auto #0
-__all__ = ['RESULT_FIELDS', 'AblationSpec', 'load_spec', 'provenance', 'train_seconds', 'knn_curve', 'run_one', 'run_baseline',
-           'run_ablation', 'read_results', 'summarize', 'format_summary', 'plot_ablation']
+__all__ = ['RESULT_FIELDS', 'AblationSpec', 'load_spec', 'provenance', 'train_seconds', 'knn_curve', 'config_record', 'run_one',
+           'run_baseline', 'run_ablation', 'read_results', 'summarize', 'format_summary', 'plot_ablation',
+           'restore_runs']
 
 # %% ../nbs/11_ablate.ipynb #d88f3810
 @dataclass
@@ -113,6 +114,10 @@ def knn_curve(metrics_path: str | Path) -> list[list]:
     from relicv2.train import MetricsLog
     return [[r["step"], r["knn_top1"]] for r in MetricsLog.read(metrics_path) if "knn_top1" in r]
 
+def config_record(cfg: RunConfig) -> dict:
+    "A run's config without the folder it was written to: what a finished result must match to stand for a run of a spec."
+    d = to_dict(cfg); d["train"].pop("out_dir"); return d
+
 def run_one(cfg: RunConfig, splits: Optional[list] = None, progress: ProgressArg = False, name: str = "run") -> dict:
     "Train (or resume) one run and evaluate it; returns {'steps', 'train_s', 'eval_s', 'results', provenance}. Skips finished runs."
     from relicv2.train import fit
@@ -124,7 +129,7 @@ def run_one(cfg: RunConfig, splits: Optional[list] = None, progress: ProgressArg
     results = evaluate_from_config(res.online.encoder, cfg, splits=tuple(splits) if splits else None, progress=progress,
                                    name=f"evaluating {name}")
     out = {"steps": res.steps, "train_s": round(train_seconds(Path(cfg.train.out_dir, "metrics.jsonl"), cfg.train.batch_size), 1),
-           "eval_s": round(time.perf_counter() - t0, 1), "results": results, **provenance()}
+           "eval_s": round(time.perf_counter() - t0, 1), "results": results, **provenance(), "config": config_record(cfg)}
     atomic_write(done, json.dumps(out, indent=2) + "\n")
     return out
 
@@ -136,11 +141,24 @@ def run_baseline(name: str, cfg: RunConfig, splits: Optional[list] = None, progr
     t0 = time.perf_counter()
     results = evaluate_from_config(baseline_encoder(name, cfg), cfg, splits=tuple(splits) if splits else None,
                                    progress=progress, name=f"evaluating the {name} baseline")
-    out = {"steps": 0, "train_s": 0.0, "eval_s": round(time.perf_counter() - t0, 1), "results": results, **provenance()}
+    out = {"steps": 0, "train_s": 0.0, "eval_s": round(time.perf_counter() - t0, 1), "results": results, **provenance(), "config": config_record(cfg)}
     atomic_write(done, json.dumps(out, indent=2) + "\n")
     return out
 
 # %% ../nbs/11_ablate.ipynb #34fc4a93
+def _jobs(spec: AblationSpec) -> list[tuple]:
+    "(name, seed, config, is_baseline, eval.json path) of every job of the grid, in the order they run."
+    # the baselines first: cheap, and the floor every later row is read against
+    # (raw pixels have no seed but the probe's held-out rows: measured once, at the first seed)
+    base = [(b, seed, spec.base_config(seed), True) for seed in spec.seeds for b in spec.baselines
+            if b != "raw-pixels" or seed == spec.seeds[0]]
+    return [(n, seed, cfg, b, Path(cfg.train.out_dir, n, "eval.json") if b else Path(cfg.train.out_dir, "eval.json"))
+            for n, seed, cfg, b in base + [(*r, False) for r in spec.runs()]]
+
+def _overrides(spec: AblationSpec) -> dict:
+    "variant -> its overrides (a grid's combinations included), as the table records them."
+    return {**spec.variants, **{n: {} for n, _, _ in spec.runs() if n not in spec.variants}}
+
 def run_ablation(spec: AblationSpec | str | Path | dict,  # the grid, or a spec file
                  progress: ProgressArg = None,  # each run named, then its training and evaluation; see `progress_mode`
                  only: Optional[list[str]] = None,  # run just these variants (the table keeps the others' finished rows)
@@ -154,13 +172,8 @@ def run_ablation(spec: AblationSpec | str | Path | dict,  # the grid, or a spec 
         unknown = sorted(set(only) - set(names))
         if unknown: raise ConfigError(f"unknown variant(s) {', '.join(unknown)}; variants: {', '.join(names)}")
     rows, record, path = [], {}, Path(spec.out_dir, "results.csv")
-    overrides = {**spec.variants, **{n: {} for n, _, _ in runs if n not in spec.variants}}
-    # the baselines first: cheap, and the floor every later row is read against
-    # (raw pixels have no seed but the probe's held-out rows: measured once, at the first seed)
-    jobs = [(b, seed, spec.base_config(seed), True) for seed in spec.seeds for b in spec.baselines
-            if b != "raw-pixels" or seed == spec.seeds[0]] + [(*r, False) for r in runs]
-    for i, (name, seed, cfg, is_baseline) in enumerate(jobs, 1):
-        done = Path(cfg.train.out_dir, name, "eval.json") if is_baseline else Path(cfg.train.out_dir, "eval.json")
+    overrides, jobs = _overrides(spec), _jobs(spec)
+    for i, (name, seed, cfg, is_baseline, done) in enumerate(jobs, 1):
         if not train or (only and name not in only):  # not ours to run now, but its finished results stay in the table
             if not done.exists(): continue
             out = json.loads(done.read_text())
@@ -172,7 +185,8 @@ def run_ablation(spec: AblationSpec | str | Path | dict,  # the grid, or a spec 
             rows.append({"variant": name, "seed": seed, "split": split, **{k: None if m[k] is None else round(m[k], 2) for k in RESULT_FIELDS[3:7]},
                          "steps": out["steps"], "train_s": out["train_s"], "overrides": json.dumps(overrides.get(name, {}))})
         record[f"{name}/seed{seed}"] = {k: v for k, v in out.items() if k != "results"}
-        if not is_baseline: record[f"{name}/seed{seed}"]["knn_curve"] = knn_curve(Path(cfg.train.out_dir, "metrics.jsonl"))
+        if not is_baseline and "knn_curve" not in out:  # (a restored run carries its curve)
+            record[f"{name}/seed{seed}"]["knn_curve"] = knn_curve(Path(cfg.train.out_dir, "metrics.jsonl"))
         buf = io.StringIO(); w = csv.DictWriter(buf, RESULT_FIELDS); w.writeheader(); w.writerows(rows)
         atomic_write(path, buf.getvalue())
         atomic_write(path.with_suffix(".json"), json.dumps({"spec": spec.source, "runs": record}, indent=2) + "\n")
@@ -222,3 +236,33 @@ def plot_ablation(rows: list[dict], metric: str = "linear_top1", out: str | Path
     fig.tight_layout()
     if out is not None: fig.savefig(out); plt.close(fig)
     return fig
+
+# %% ../nbs/11_ablate.ipynb #ab1e5702
+def restore_runs(spec: AblationSpec | str | Path | dict,  # the grid, or a spec file
+                 table: str | Path,  # a results.csv written by `run_ablation` (its results.json beside it)
+                 progress: ProgressArg = None,  # a line naming each run restored or refused
+                ) -> list[str]:  # 'variant/seedN' of every run restored
+    "Write the eval.json of every run of `spec` that `table` holds and `spec.out_dir` lacks, when the table's config matches."
+    spec = spec if isinstance(spec, AblationSpec) else load_spec(spec)
+    table = Path(table)
+    if not table.exists() or not table.with_suffix(".json").exists():
+        raise FileNotFoundError(f"table: {table} and {table.with_suffix('.json').name} beside it are both needed")
+    records, rows = json.loads(table.with_suffix(".json").read_text())["runs"], {}
+    for r in read_results(table): rows.setdefault(f"{r['variant']}/seed{r['seed']}", []).append(r)
+    overrides, restored = _overrides(spec), []
+    for name, seed, cfg, is_baseline, done in _jobs(spec):
+        key = f"{name}/seed{seed}"
+        if done.exists() or key not in rows: continue
+        rec, mine = records.get(key, {}), json.dumps(overrides.get(name, {}))
+        why = ("its config differs from the spec's" if "config" in rec and rec["config"] != config_record(cfg) else
+               f"its overrides {rows[key][0]['overrides']} differ from the spec's {mine}" if rows[key][0]["overrides"] != mine else
+               "it has no record in the table's json" if not rec else None)
+        if why:
+            announce(f"restore: {key} not restored ({why}); it will be trained again", progress); continue
+        out = {"steps": int(rows[key][0]["steps"]), "train_s": rows[key][0]["train_s"], **rec, "restored_from": str(table),
+               "results": {r["split"]: {k: r[k] for k in RESULT_FIELDS[3:7]} for r in rows[key]}}
+        atomic_write(done, json.dumps(out, indent=2) + "\n")
+        restored.append(key)
+    announce(f"restore: {len(restored)} finished run(s) restored from {table}", progress)
+    return restored
+

@@ -288,12 +288,14 @@ def load_weights(path: str | Path,  # encoder.pt, encoder_torchvision.pt or any 
 # %% ../nbs/90_cli.ipynb #720761fd
 def ablate_main(argv: list[str] | None = None) -> int:
     "Entry point of `relicv2-ablate`."
-    from relicv2.ablate import load_spec, run_ablation, read_results, format_summary, plot_ablation
+    from relicv2.ablate import load_spec, restore_runs, run_ablation, read_results, format_summary, plot_ablation
     p = argparse.ArgumentParser(prog="relicv2-ablate", description="Train and evaluate a grid of runs from a spec file.")
     p.add_argument("spec", help="YAML or JSON ablation spec")
     p.add_argument("--only", default=None, metavar="A,B", help="train only these variants (or baselines: raw-pixels, random-init)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     p.add_argument("--collect", action="store_true", help="train nothing: write the table and plots from the finished runs")
+    p.add_argument("--restore", default=None, metavar="TABLE",
+                   help="first restore the finished runs that a committed results.csv holds and out_dir lacks (same configs only)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress output (default: a bar in a terminal, a line every 5%% of the work in a log file)")
     args = p.parse_args(argv)
@@ -302,6 +304,7 @@ def ablate_main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             for name, seed, cfg in spec.runs(): print(f"{name}  seed {seed}  -> {cfg.train.out_dir}")
             return 0
+        if args.restore: restore_runs(spec, args.restore, progress=False if args.no_progress else None)
         path = run_ablation(spec, progress=False if args.no_progress else None, only=args.only.split(",") if args.only else None,
                             train=not args.collect)
     except Exception as e:

@@ -129,6 +129,19 @@ def test_ablate_only_a_baseline(tmp_path):
     one_line(command("ablate_main", str(tmp_path / "spec.yaml"), "--only", "pixels"), 2, "variants: raw-pixels, random-init, a")
 
 
+def test_ablate_restore_a_committed_table(tmp_path):
+    # the baselines' table of one checkout restores into a fresh out_dir: the grid then trains nothing it has
+    spec = "preset: tiny\nout_dir: {}\nvariants: {{a: {{}}}}\ncommon: {{eval.linear_epochs: 1}}\n"
+    (tmp_path / "first.yaml").write_text(spec.format(tmp_path / "first"))
+    (tmp_path / "second.yaml").write_text(spec.format(tmp_path / "second"))
+    assert command("ablate_main", str(tmp_path / "first.yaml"), "--only", "raw-pixels").returncode == 0
+    r = command("ablate_main", str(tmp_path / "second.yaml"), "--restore", str(tmp_path / "first" / "results.csv"), "--collect")
+    assert r.returncode == 0, r.stderr
+    assert "restore: 1 finished run(s) restored" in r.stderr, r.stderr
+    assert (tmp_path / "first" / "results.csv").read_text() == (tmp_path / "second" / "results.csv").read_text()
+    one_line(command("ablate_main", str(tmp_path / "second.yaml"), "--restore", str(tmp_path / "none.csv")), 2, "none.csv")
+
+
 def test_progress_without_a_terminal_is_a_few_named_lines(tmp_path):
     # stderr is a pipe here, as under nohup or a scheduler: no tqdm bar, but lines that say what runs and how far it is
     r = command("train_main", "--preset", "tiny", "--set", f"train.out_dir={tmp_path / 'run'}", "--set", "eval.linear_epochs=2")
