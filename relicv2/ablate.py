@@ -254,9 +254,9 @@ def restore_runs(spec: AblationSpec | str | Path | dict,  # the grid, or a spec 
         key = f"{name}/seed{seed}"
         if done.exists() or key not in rows: continue
         rec, mine = records.get(key, {}), json.dumps(overrides.get(name, {}))
-        why = ("its config differs from the spec's" if "config" in rec and rec["config"] != config_record(cfg) else
-               f"its overrides {rows[key][0]['overrides']} differ from the spec's {mine}" if rows[key][0]["overrides"] != mine else
-               "it has no record in the table's json" if not rec else None)
+        why = ("it has no record in the table's json" if not rec else
+               ("its config differs from the spec's" if rec["config"] != config_record(cfg) else None) if "config" in rec else
+               f"its overrides {rows[key][0]['overrides']} differ from the spec's {mine}" if rows[key][0]["overrides"] != mine else None)
         if why:
             announce(f"restore: {key} not restored ({why}); it will be trained again", progress); continue
         out = {"steps": int(rows[key][0]["steps"]), "train_s": rows[key][0]["train_s"], **rec, "restored_from": str(table),
