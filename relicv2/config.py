@@ -346,7 +346,7 @@ PRESETS["fashion-mnist"] = {  # the Fashion-MNIST benchmark: the demo network an
 
 PRESETS["spurious"] = {  # the spurious-correlation benchmark (01a_spurious): the same network and recipe on 24 px shapes
     **PRESETS["fashion-mnist"],
-    "data": {"dataset": "spurious", "image_size": 24, "synthetic_size": 24, "synthetic_train": 10000, "spurious_correlation": 0.95},
+    "data": {"dataset": "spurious", "image_size": 24, "synthetic_size": 24, "synthetic_train": 10000, "spurious_correlation": 0.98},
     "views": {**PRESETS["demo"]["views"], "large_size": 24, "small_size": 12, "mask_prob": 0.1},  # exact masks: p_m as the paper
     "train": {**PRESETS["fashion-mnist"]["train"], "epochs": 8, "out_dir": "runs/spurious", "monitor_steps": 39},  # 312 steps
 }

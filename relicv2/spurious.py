@@ -89,7 +89,7 @@ def render_spurious(p: dict,  # parameters from `draw_spurious`
 def generate_spurious(split: str = "train",  # 'train', 'test' (same correlation) or 'test_ood' (backgrounds independent of the class)
                       size: int = 24,  # image side in pixels
                       n: Optional[int] = None,  # number of images; None: SPLIT_SIZES[split]
-                      spurious_correlation: float = 0.95,  # P(background family == class) in train and test
+                      spurious_correlation: float = 0.98,  # P(background family == class) in train and test
                       background: bool = True,  # False: every object on black
                       seed: int = 0,  # base seed; each split derives its own
                      ) -> dict:  # images (N,3,S,S) uint8, masks (N,1,S,S) uint8, labels (N,), backgrounds (N,) int64
@@ -119,7 +119,7 @@ class SpuriousShapes(TensorImages):
                  split: str = "train",  # 'train', 'test' (in distribution) or 'test_ood' (background independent of class)
                  size: int = 24,  # side of the generated images
                  n: Optional[int] = None,  # number of images; None: 10000 for train, 2000 for test and test_ood
-                 spurious_correlation: float = 0.95,  # P(background family == class) in train and test
+                 spurious_correlation: float = 0.98,  # P(background family == class) in train and test
                  background: bool = True,  # False: objects on black
                  seed: int = 0,  # base seed; each split derives its own
                  image_size: Optional[int] = None,  # resize items to this side (None: keep `size`)
