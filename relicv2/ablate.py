@@ -20,9 +20,9 @@ from .evaluate import BASELINES
 from .progress import ProgressArg, announce
 
 # %% auto #0
-__all__ = ['RESULT_FIELDS', 'AblationSpec', 'load_spec', 'provenance', 'train_seconds', 'knn_curve', 'config_record', 'run_one',
-           'run_baseline', 'run_ablation', 'read_results', 'summarize', 'format_summary', 'plot_ablation',
-           'restore_runs']
+__all__ = ['RESULT_FIELDS', 'AblationSpec', 'load_spec', 'provenance', 'train_seconds', 'knn_curve', 'config_record',
+           'result_path', 'run_one', 'run_baseline', 'run_ablation', 'read_results', 'summarize', 'format_summary',
+           'plot_ablation', 'restore_runs']
 
 # %% ../nbs/11_ablate.ipynb #d88f3810
 @dataclass
@@ -118,11 +118,15 @@ def config_record(cfg: RunConfig) -> dict:
     "A run's config without the folder it was written to: what a finished result must match to stand for a run of a spec."
     d = to_dict(cfg); d["train"].pop("out_dir"); return d
 
+def result_path(cfg: RunConfig, baseline: Optional[str] = None) -> Path:
+    "Where a finished run (or, named, a baseline evaluated with `cfg`) keeps its results: the mark that it is done."
+    return Path(cfg.train.out_dir, *([baseline] if baseline else []), "eval.json")
+
 def run_one(cfg: RunConfig, splits: Optional[list] = None, progress: ProgressArg = False, name: str = "run") -> dict:
     "Train (or resume) one run and evaluate it; returns {'steps', 'train_s', 'eval_s', 'results', provenance}. Skips finished runs."
     from relicv2.train import fit
     from relicv2.evaluate import evaluate_from_config
-    done = Path(cfg.train.out_dir, "eval.json")
+    done = result_path(cfg)
     if done.exists(): return json.loads(done.read_text())
     res = fit(cfg, progress=progress)  # resumes an interrupted run from its newest checkpoint
     t0 = time.perf_counter()
@@ -136,7 +140,7 @@ def run_one(cfg: RunConfig, splits: Optional[list] = None, progress: ProgressArg
 def run_baseline(name: str, cfg: RunConfig, splits: Optional[list] = None, progress: ProgressArg = False) -> dict:
     "Evaluate a baseline (`raw-pixels`, `random-init`) with `cfg`'s data, views and seed; cached in its out_dir like a run."
     from relicv2.evaluate import baseline_encoder, evaluate_from_config
-    done = Path(cfg.train.out_dir, name, "eval.json")
+    done = result_path(cfg, name)
     if done.exists(): return json.loads(done.read_text())
     t0 = time.perf_counter()
     results = evaluate_from_config(baseline_encoder(name, cfg), cfg, splits=tuple(splits) if splits else None,
@@ -152,8 +156,7 @@ def _jobs(spec: AblationSpec) -> list[tuple]:
     # (raw pixels have no seed but the probe's held-out rows: measured once, at the first seed)
     base = [(b, seed, spec.base_config(seed), True) for seed in spec.seeds for b in spec.baselines
             if b != "raw-pixels" or seed == spec.seeds[0]]
-    return [(n, seed, cfg, b, Path(cfg.train.out_dir, n, "eval.json") if b else Path(cfg.train.out_dir, "eval.json"))
-            for n, seed, cfg, b in base + [(*r, False) for r in spec.runs()]]
+    return [(n, seed, cfg, b, result_path(cfg, n if b else None)) for n, seed, cfg, b in base + [(*r, False) for r in spec.runs()]]
 
 def _overrides(spec: AblationSpec) -> dict:
     "variant -> its overrides (a grid's combinations included), as the table records them."

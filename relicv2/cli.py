@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from .config import CONVERT_FORMATS, ConfigError, EvalConfig, RunConfig, SALIENCY_METHODS, atomic_write, load_config, to_dict, PRESETS
+from .config import CONVERT_FORMATS, ConfigError, EvalConfig, RunConfig, SALIENCY_METHODS, atomic_write, load_config, to_dict, PRESETS, MAIN_PRESET
 from .progress import ProgressArg
 
 # %% auto #0
@@ -25,7 +25,7 @@ __all__ = ['OFFICIAL_EVAL', 'config_parser', 'one_line', 'report', 'run_cli', 'e
 def config_parser(prog: str, description: str) -> argparse.ArgumentParser:
     "An argument parser with the shared `--preset`, `--config` and `--set` options."
     p = argparse.ArgumentParser(prog=prog, description=description)
-    p.add_argument("--preset", default=None, help=f"one of {', '.join(PRESETS)} (default: the config file's, else demo)")
+    p.add_argument("--preset", default=None, help=f"one of {', '.join(PRESETS)} (default: the config file's, else {MAIN_PRESET}, the main job)")
     p.add_argument("--config", default=None, metavar="FILE", help="YAML or JSON file of overrides")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override one field, e.g. --set loss.alpha=0.5 (repeatable)")
@@ -190,7 +190,7 @@ def _train(args: argparse.Namespace, cfg: RunConfig) -> int:
 
 def train_main(argv: list[str] | None = None) -> int:
     "Entry point of `relicv2-train`."
-    parser = config_parser("relicv2-train", "Train a ReLICv2 encoder (default: the demo preset on synthetic data).")
+    parser = config_parser("relicv2-train", f"Train a ReLICv2 encoder (default: the {MAIN_PRESET} preset, the main job, on generated data).")
     parser.add_argument("--resume", default=None, metavar="CKPT", help="resume from this checkpoint (default: the newest in train.out_dir)")
     parser.add_argument("--no-resume", action="store_true", help="start afresh; refused if train.out_dir holds checkpoints")
     parser.add_argument("--max-steps", type=int, default=None, metavar="N", help="stop after N steps in total (resumable)")

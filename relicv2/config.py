@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
 # %% auto #0
-__all__ = ['Pair', 'SALIENCY_METHODS', 'RANGES', 'RENAMED', 'SHORT_RUN', 'PRESETS', 'CONVERT_FORMATS', 'DataConfig',
-           'ViewsConfig', 'EncoderConfig', 'HeadConfig', 'LossConfig', 'TargetConfig', 'OptimConfig', 'TrainConfig',
-           'EvalConfig', 'RunConfig', 'ConfigError', 'coerce', 'check_range', 'update', 'to_dict', 'preset',
-           'atomic_write', 'parse_set', 'load_config', 'save_config']
+__all__ = ['Pair', 'SALIENCY_METHODS', 'RANGES', 'RENAMED', 'SHORT_RUN', 'PRESETS', 'MAIN_PRESET', 'CONVERT_FORMATS',
+           'DataConfig', 'ViewsConfig', 'EncoderConfig', 'HeadConfig', 'LossConfig', 'TargetConfig', 'OptimConfig',
+           'TrainConfig', 'EvalConfig', 'RunConfig', 'ConfigError', 'coerce', 'check_range', 'update', 'to_dict',
+           'preset', 'atomic_write', 'parse_set', 'load_config', 'save_config']
 
 # %% ../nbs/00_config.ipynb #cb0670b3
 @dataclass
@@ -351,8 +351,10 @@ PRESETS["spurious"] = {  # the spurious-correlation benchmark (01a_spurious): th
     "train": {**PRESETS["fashion-mnist"]["train"], "epochs": 8, "out_dir": "runs/spurious", "monitor_steps": 39},  # 312 steps
 }
 
+MAIN_PRESET = "spurious"  # the main job, what a command runs when neither `--preset` nor a config file names one
+
 def preset(name: str) -> RunConfig:
-    "The named preset: `tiny` (tests), `demo` (a 2-core CPU), `fashion-mnist` and `spurious` (CPU benchmarks) or `paper` (ImageNet)."
+    "The named preset: `tiny` (tests), `demo` (a 2-core CPU), `fashion-mnist` and `spurious` (CPU benchmarks; `spurious` is the main job) or `paper` (ImageNet)."
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}{_near(name, PRESETS)}; allowed: {', '.join(PRESETS)}")
     return update(RunConfig(), PRESETS[name])
@@ -412,7 +414,7 @@ def parse_set(items: list[str]) -> dict:
         out[key.strip()] = value.strip()
     return out
 
-def load_config(preset_name: str | None = None,  # `tiny`, `demo` or `paper`; default: the file's `preset:` or `demo`
+def load_config(preset_name: str | None = None,  # a preset's name; default: the file's `preset:`, else `MAIN_PRESET`
                 path: str | Path | None = None,  # optional YAML/JSON file of overrides
                 overrides: list[str] | dict | None = None,  # `--set` items, or a dict of them
                ) -> RunConfig:
@@ -421,7 +423,7 @@ def load_config(preset_name: str | None = None,  # `tiny`, `demo` or `paper`; de
     file_preset = data.pop("preset", None)
     if preset_name is not None and file_preset is not None and preset_name != file_preset:
         raise ConfigError(f"preset {preset_name!r} given, but config file {str(path)!r} asks for preset {file_preset!r}")
-    cfg = update(preset(preset_name or file_preset or "demo"), data)
+    cfg = update(preset(preset_name or file_preset or MAIN_PRESET), data)
     if overrides: cfg = update(cfg, overrides if isinstance(overrides, dict) else parse_set(overrides))
     return cfg
 

@@ -70,3 +70,17 @@ def test_notebook_output_check_catches_changes_and_skips_marked_cells():
     assert run_notebooks.differences(committed, same) == []
     diffs = run_notebooks.differences(committed, stale)
     assert len(diffs) == 1 and diffs[0].startswith("cell 2") and "'2' -> 'two'" in diffs[0], diffs
+
+
+def test_notebook_output_check_compares_numbers_within_its_tolerances():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from run_notebooks import same_text
+    table = "             test\nraw pixels    9.5   13.80\ntrained      88.0   89.70\n"
+    wider = "             test\nraw pixels   10.1   13.80\ntrained      88.0   89.71\n"  # a column one digit wider
+    assert not same_text(table, wider)  # exact by default
+    assert same_text(table, wider, rtol=0.07) and not same_text(table, wider, rtol=0.05)  # 9.5 -> 10.1 is 6.3%
+    assert same_text("loss 0.5000", "loss 0.5004", atol=1e-3) and not same_text("loss 0.5000", "loss 0.5004", atol=1e-4)
+    assert not same_text("lr 0.01282", "lr 0.0641", rtol=0.02)  # a stale output is still caught
+    assert not same_text("final loss 1.0", "final loss nan", rtol=1)  # a word in place of a number
+    assert not same_text("step 3 of 4", "step 3 of 4 (done)", rtol=1)  # more words
+    assert not same_text("resnet18 x0.25", "resnet50 x0.25", rtol=1)  # digits inside a name are words
