@@ -332,6 +332,10 @@ def fit(cfg: RunConfig,  # the whole run, e.g. `preset("demo")`
                               **({"masked_views": float(masked) / (n * b * L)} if n_with_mask is not None else {}))
                     masked = 0
                     wait = 0.0
+                # the learning curve, before any checkpoint of this step: a run resumed from it keeps the point
+                if tc.monitor_steps and env.is_main and (step % tc.monitor_steps == 0 or step == end):
+                    log.write(step=step, epoch=epoch, **monitor(online.encoder, cfg, dev))
+                    online.train()
                 if step % tc.ckpt_every == 0 and step < end: ckpt_path = checkpoint(step) or ckpt_path
                 signum = torch.tensor(float(stop.received or 0), device=dev)
                 if env.distributed: dist.all_reduce(signum, op=dist.ReduceOp.MAX)  # one process's signal stops them all
@@ -339,9 +343,6 @@ def fit(cfg: RunConfig,  # the whole run, e.g. `preset("demo")`
                     if step % tc.ckpt_every: ckpt_path = checkpoint(step) or ckpt_path
                     bar.close()
                     raise RunInterrupted(int(signum.item()), step, ckpt_path)
-                if tc.monitor_steps and env.is_main and (step % tc.monitor_steps == 0 or step == end):
-                    log.write(step=step, epoch=epoch, **monitor(online.encoder, cfg, dev))  # the learning curve
-                    online.train()
                 t_wait = time.perf_counter()
             else:
                 epoch += 1
