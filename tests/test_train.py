@@ -370,15 +370,14 @@ def test_a_checkpoint_from_before_a_config_field_existed_resumes():
 
 def test_a_run_stopped_at_a_monitor_step_keeps_that_point_of_its_learning_curve(tmp_path, monkeypatch):
     "The kNN monitor of step S is logged before step S's checkpoint: stopped there and resumed, the curve has no gap."
-    import os, signal
-    import relicv2.train as T
+    import signal
     from relicv2.train import RunInterrupted
-    real, calls = T.train_step, []
+    real, calls = train.train_step, []
     def step_then_signal(parts, batch, done):  # SIGTERM arrives during step 2 (`done` steps before it), as a scheduler's would
         calls.append(done)
         if done == 1 and calls.count(1) == 1: os.kill(os.getpid(), signal.SIGTERM)
         return real(parts, batch, done)
-    monkeypatch.setattr(T, "train_step", step_then_signal)
+    monkeypatch.setattr(train, "train_step", step_then_signal)
     cfg = tiny(tmp_path / "run", **{"train.epochs": 1, "train.monitor_steps": 2, "train.ckpt_every": 100})  # 4 steps
     with pytest.raises(RunInterrupted, match="after step 2;"):
         fit(cfg, progress=False)
