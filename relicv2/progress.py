@@ -112,9 +112,9 @@ class Progress:
             self._shown = self.n
 
     def close(self):
-        "End the phase; in lines mode, a last line if it stopped between two lines."
+        "End the phase; in lines mode, a last line if work was done since the last one, and always one if it stopped early."
         if self.bar is not None: self.bar.close(); self.bar = None
-        elif self.mode == "lines" and self.n > self._shown:
+        elif self.mode == "lines" and (self.n > self._shown or self.n < self.total):
             self._write(self.line() + (" (stopped)" if self.n < self.total else ""))
             self._shown = self.n
         self.mode = "closed" if self.mode != "off" else "off"
