@@ -20,7 +20,9 @@ from relicv2.config import load_config, update
 from relicv2.distributed import DistEnv
 from relicv2.optim import lr_schedule
 from relicv2.target import momentum_schedule
-from relicv2.train import ResumableSampler, build_step, train_step, tune_malloc
+from relicv2.checkpoint import ResumableSampler
+from relicv2.memory import tune_malloc
+from relicv2.train import build_step, train_step
 
 HERE = Path(__file__).resolve().parent
 

@@ -16,7 +16,7 @@ optimiser and EMA.
 
 The two sides alternate, repeat by repeat, in one process; each repeat is a fresh pass over the data (workers
 started in its untimed warm-up, stopped at its end, so they never run while the other side is timed); the figure is
-the median. On the CPU, `fit` tunes glibc's allocator (`relicv2.train.tune_malloc`); the setting is process-wide, so
+the median. On the CPU, `fit` tunes glibc's allocator (`relicv2.memory.tune_malloc`); the setting is process-wide, so
 both sides get it here (`--set train.tune_malloc=false` measures both without). A last, separately timed relicv2 run
 times each part of a step with device synchronisation: the share of the loss (its forward; its backward is inside
 `backward`) and of the EMA update.
@@ -152,7 +152,7 @@ def main(argv=None) -> int:
     torch.manual_seed(cfg.train.seed)
     relic = C.ReLICv2Step(cfg, device)
     if relic.malloc_tuned:  # before the workers fork: they inherit it
-        C.note("glibc malloc tuned as `fit` does on the CPU (relicv2.train.tune_malloc); process-wide, so both sides and "
+        C.note("glibc malloc tuned as `fit` does on the CPU (relicv2.memory.tune_malloc); process-wide, so both sides and "
                "the conventional side's forked workers run with it (--set train.tune_malloc=false: neither does)")
     relic_loader = C.relicv2_loader(base, B, seed=cfg.train.seed, pin_memory=pin)
     relic_step = lambda batch: relic(batch.to(device, non_blocking=True))

@@ -21,7 +21,7 @@ import time
 import torch
 from torchvision.transforms import v2
 
-from relicv2.train import tune_malloc
+from relicv2.memory import tune_malloc
 from relicv2.views import ViewGenerator, blur_kernel_size
 
 
@@ -96,7 +96,7 @@ def main(argv=None):
                     "torch's; 1 with --quick, whose run time must not depend on how busy the machine is)")
     ap.add_argument("--tune-malloc", action="store_true", help="glibc: no heap trimming (see BENCHMARKS.md)")
     a = ap.parse_args(argv)
-    tuned = tune_malloc() if a.tune_malloc else False  # relicv2.train.tune_malloc, what `fit` does on the CPU
+    tuned = tune_malloc() if a.tune_malloc else False  # relicv2.memory.tune_malloc, what `fit` does on the CPU
     threads = [int(t) for t in a.threads.split(",")] if a.threads else [1 if a.quick else torch.get_num_threads()]
     repeats = a.repeats or (3 if a.quick else 7)
     n_base = min(a.batch_size, 32) if a.quick else a.batch_size  # images per baseline repeat

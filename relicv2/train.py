@@ -5,16 +5,14 @@
 # %% ../nbs/09_train.ipynb #49f76a5d
 from __future__ import annotations
 
-import ctypes
 import signal
-import sys
 import threading
 import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -23,7 +21,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from .config import RunConfig, to_dict
+from .config import RunConfig, save_config, to_dict
 from . import data as rdata
 from .checkpoint import (CheckpointError, ResumableSampler, check_resumable, list_checkpoints,
                                 load_checkpoint, make_generators, remove_stale_temporaries, rng_state, save_checkpoint,
@@ -32,27 +30,16 @@ from .metrics import MetricsLog, plot_metrics
 from .distributed import DistEnv, init_distributed, gather, gather_with_grad, sync_batchnorm
 from .networks import SupervisedNetwork, build_networks
 from .loss import ReLICv2Loss
+from .memory import tune_malloc
 from .optim import lr_schedule_from_config, optimizer_from_config, set_lr
 from .target import momentum_schedule, target_init_share, update_target
 from .progress import Progress, ProgressArg, announce
 from .views import ViewGenerator
 
 # %% auto #0
-__all__ = ['tune_malloc', 'TrainingDiverged', 'non_finite', 'RunResult', 'RunInterrupted', 'StopSignals', 'StepParts',
-           'build_step', 'train_step', 'fit', 'monitor']
-
-# %% ../nbs/09_train.ipynb #0f2d70da
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers (malloc.h)
-
-def tune_malloc(mmap_threshold: int = 32 << 20,  # blocks at least this big get a mapping of their own (glibc's maximum)
-                trim_threshold: int = 1 << 30,  # free bytes at the top of the heap kept before any is given back
-               ) -> bool:
-    "glibc only: keep freed memory in the process so that big temporaries are not mapped again every step; True if applied."
-    if not sys.platform.startswith("linux"): return False
-    try: libc = ctypes.CDLL("libc.so.6")
-    except OSError: return False  # not glibc (e.g. musl)
-    if not hasattr(libc, "mallopt"): return False
-    return libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1 and libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold) == 1
+__all__ = ['TrainingDiverged', 'non_finite', 'RunResult', 'RunInterrupted', 'StopSignals', 'stop_requested', 'StepParts',
+           'build_step', 'train_step', 'training_set', 'make_loader', 'batches_from', 'resume_state',
+           'write_checkpoint', 'StepLog', 'fit', 'monitor']
 
 # %% ../nbs/09_train.ipynb #be5d9234
 class TrainingDiverged(RuntimeError):
@@ -121,6 +108,12 @@ class StopSignals:
         return self
 
     def __exit__(self, *exc): self.restore()
+
+def stop_requested(stop: StopSignals, env: DistEnv) -> int:
+    "The signal that stops the run after this step (0: none); one process's signal stops them all."
+    signum = torch.tensor(float(stop.received or 0), device=env.device)
+    if env.distributed: dist.all_reduce(signum, op=dist.ReduceOp.MAX)
+    return int(signum.item())
 
 # %% ../nbs/09_train.ipynb #9a000002
 @dataclass
@@ -207,6 +200,131 @@ def train_step(p: StepParts,  # from `build_step`
     mark("ema")
     return check, terms, v.masked
 
+# %% ../nbs/09_train.ipynb #9b000002
+def training_set(cfg: RunConfig,  # the run
+                 env: DistEnv,  # this process (only process 0 speaks)
+                 progress: ProgressArg = None,  # see `fit`
+                ) -> tuple[torch.utils.data.Dataset, int, Optional[int]]:  # images, classes (0: unlabelled), images with a mask (None: masking off)
+    "The training images of a run, as `cfg.data` says; a `train_subset` drawn by seed; masking without masks warned about."
+    dataset = rdata.from_config(cfg.data, "train", progress=progress if env.is_main else False)
+    n_classes = len(getattr(dataset, "classes", None) or [])
+    if env.is_main and getattr(dataset, "summary", None): announce(f"pretraining: {dataset.summary}", progress)  # computed masks
+    if cfg.data.train_subset is not None:  # drawn by seed, not the first N (which, in class order, can be one class)
+        keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.train.seed))[:cfg.data.train_subset]
+        dataset = torch.utils.data.Subset(dataset, sorted(keep.tolist()))
+    n_with_mask = rdata.mask_count(dataset) if cfg.views.mask_prob > 0 else None
+    if n_with_mask == 0 and env.is_main:
+        warnings.warn(f"views.mask_prob={cfg.views.mask_prob} but no training image has a mask: no view will have its "
+                      "background removed (masks come with the generated datasets, with data.dataset=imagefolder:PATH,masks=PATH, "
+                      "or from data.masks=border or deepusps:WEIGHTS)")
+    return dataset, n_classes, n_with_mask
+
+def make_loader(dataset: torch.utils.data.Dataset, cfg: RunConfig, env: DistEnv) -> tuple[ResumableSampler, DataLoader]:
+    "This process's sampler (its share of a seeded permutation, resumable mid-epoch) and the loader of its share of each batch."
+    sampler = ResumableSampler(dataset, env.world_size, env.rank, cfg.train.seed)
+    loader = DataLoader(dataset, batch_size=cfg.train.batch_size // env.world_size, sampler=sampler, drop_last=True,
+                        collate_fn=rdata.collate, num_workers=cfg.data.num_workers,
+                        pin_memory=cfg.data.pin_memory and env.device.type == "cuda", persistent_workers=False)
+    return sampler, loader
+
+def batches_from(loader: DataLoader,  # from `make_loader`
+                 sampler: ResumableSampler,  # the loader's sampler
+                 step: int,  # the first step to feed (a resumed run's checkpoint step)
+                 end: int,  # the step to stop at
+                 steps_per_epoch: int,
+                ) -> Iterator[tuple[int, rdata.Batch]]:
+    "(epoch, batch) for steps `step` to `end - 1`: the rest of the current epoch first, then whole epochs."
+    while step < end:
+        epoch = step // steps_per_epoch
+        sampler.set_epoch(epoch); sampler.start = (step - epoch * steps_per_epoch) * loader.batch_size
+        for batch in loader:
+            yield epoch, batch
+            step += 1
+            if step >= end: return
+
+
+# %% ../nbs/09_train.ipynb #9b000005
+def _last_good(path: Optional[Path]) -> str:
+    return str(path) if path else "none (no checkpoint was written yet)"
+
+def resume_state(p: StepParts,  # from `build_step`: loaded in place
+                 run_dir: Path,  # where the run's checkpoints are
+                 resume: bool | str | Path = True,  # as `fit`'s argument
+                ) -> tuple[int, Optional[Path]]:  # the step to go on from (0: a fresh start) and the checkpoint read
+    "Load the checkpoint `resume` names (True: the newest in `run_dir`) into `p`; a fresh start refuses an existing run."
+    if resume is False:
+        if list_checkpoints(run_dir):
+            raise CheckpointError(f"{str(run_dir)!r} already holds checkpoints; resume, or choose another train.out_dir")
+        return 0, None
+    path = Path(resume) if not isinstance(resume, bool) else (list_checkpoints(run_dir) or [None])[-1]
+    if path is None: return 0, None
+    state = load_checkpoint(path)
+    check_resumable(state["config"], p.cfg, path)
+    p.online.load_state_dict(state["online"])
+    if p.target is not None: p.target.load_state_dict(state["target"])
+    p.optimizer.load_state_dict(state["optimizer"])
+    if p.scaler is not None and state.get("scaler"): p.scaler.load_state_dict(state["scaler"])
+    if len(state["rng"]) != p.env.world_size:
+        warnings.warn(f"checkpoint was written by {len(state['rng'])} processes, resuming with {p.env.world_size}: "
+                      "random streams restart, so the run will not replay exactly")
+    else: set_rng_state(p.gens, state["rng"][p.env.rank])
+    return state["step"], path
+
+def write_checkpoint(p: StepParts,  # the run's parts after `step` steps
+                     run_dir: Path,  # where checkpoints go
+                     step: int,  # steps done
+                     last_good: Optional[Path] = None,  # the previous checkpoint, named if this state cannot be written
+                    ) -> Optional[Path]:  # the file written (None on processes other than 0)
+    "Every process checks its state and hands in its random state; process 0 writes, unless some process holds a non-finite value."
+    env = p.env
+    # a finite loss does not make a resumable state: BN running statistics can overflow while batch statistics
+    # keep the loss finite (and, without SyncBN, differently on each process): every process checks, all agree
+    bad = non_finite(online=p.online, target=p.target)
+    flag = torch.tensor(0.0 if bad is None else 1.0, device=env.device)
+    if env.distributed: dist.all_reduce(flag)
+    if flag.item():
+        raise TrainingDiverged(f"{bad or 'a weight or BN statistic of another process'} became NaN or infinite by step {step} "
+                               f"(the loss was still finite); the last good checkpoint is {_last_good(last_good)}")
+    rngs = [rng_state(p.gens)]
+    if env.distributed:
+        rngs = [None] * env.world_size; dist.all_gather_object(rngs, rng_state(p.gens))
+    if not env.is_main: return None
+    return save_checkpoint({"step": step, "config": to_dict(p.cfg), "online": p.online.state_dict(),
+                            "target": p.target.state_dict() if p.target is not None else None,
+                            "optimizer": p.optimizer.state_dict(), "scaler": p.scaler.state_dict() if p.scaler else None,
+                            "rng": rngs, "world_size": env.world_size}, run_dir, step, p.cfg.train.keep_last)
+
+
+# %% ../nbs/09_train.ipynb #9b000008
+class StepLog:
+    "The interval bookkeeping behind each logged row: time, time waiting for data, masked large views."
+    def __init__(self, log: MetricsLog, p: StepParts, masks: bool):  # masks: count masked views (masking on)
+        self.log, self.p, self.masks = log, p, masks
+        self.t_last = self.t_wait = time.perf_counter()
+        self.wait, self.masked = 0.0, 0
+
+    def waiting(self):
+        "The loop asks for the next batch now."
+        self.t_wait = time.perf_counter()
+
+    def arrived(self):
+        "The batch is on the device."
+        self.wait += time.perf_counter() - self.t_wait
+
+    def step(self, step: int, epoch: int, loss: float, terms: dict, masked: torch.Tensor, end: int):
+        "Step `step` (counted from 1) is done; write a row if one is due."
+        tc = self.p.cfg.train
+        if self.masks: self.masked = self.masked + masked.sum()  # large views with background removed
+        if step % tc.log_every and step != end: return
+        now = time.perf_counter(); dt = now - self.t_last; self.t_last = now
+        n = tc.log_every if step % tc.log_every == 0 else step % tc.log_every  # steps in this interval
+        extra = {"masked_views": float(self.masked) / (n * self.p.b * self.p.cfg.views.n_large)} if self.masks else {}
+        self.log.write(step=step, epoch=epoch, loss=loss, **{k: float(x) for k, x in terms.items()},
+                       lr=float(self.p.lrs[step - 1]), ema=float(self.p.taus[step - 1]), images_per_s=n * tc.batch_size / dt,
+                       data_wait=min(self.wait / dt, 1.0), **extra)
+        self.masked, self.wait = 0, 0.0
+
+
 # %% ../nbs/09_train.ipynb #76b73eef
 def fit(cfg: RunConfig,  # the whole run, e.g. `preset("demo")`
         resume: bool | str | Path = True,  # True: continue from the newest checkpoint in out_dir; a path: from that file
@@ -218,140 +336,64 @@ def fit(cfg: RunConfig,  # the whole run, e.g. `preset("demo")`
     tc = cfg.train
     # ---------------- processes and devices ----------------
     env = env or init_distributed(tc.device)
-    dev, W = env.device, env.world_size
-    if tc.batch_size % W: raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by the number of processes ({W})")
-    if tc.precision == "fp16" and dev.type != "cuda": raise ValueError("train.precision='fp16' needs a CUDA device; use 'bf16' or 'fp32' on the CPU")
-    b = tc.batch_size // W  # this process's share of the global batch
-    if tc.tune_malloc and dev.type == "cpu": tune_malloc()  # keep the big temporaries mapped between steps
-    run_dir = Path(tc.out_dir)
+    if tc.batch_size % env.world_size:
+        raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by the number of processes ({env.world_size})")
+    if tc.precision == "fp16" and env.device.type != "cuda":
+        raise ValueError("train.precision='fp16' needs a CUDA device; use 'bf16' or 'fp32' on the CPU")
+    if tc.tune_malloc and env.device.type == "cpu": tune_malloc()  # keep the big temporaries mapped between steps
+    run_dir, main = Path(tc.out_dir), env.is_main
     seed_everything(tc.seed)  # the same initial weights on every process
     # ---------------- data ----------------
-    dataset = rdata.from_config(cfg.data, "train", progress=progress if env.is_main else False)
-    n_classes = len(getattr(dataset, "classes", None) or [])
-    if env.is_main and getattr(dataset, "summary", None): announce(f"pretraining: {dataset.summary}", progress)  # computed masks
-    if cfg.data.train_subset is not None:  # drawn by seed, not the first N (which, in class order, can be one class)
-        keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(tc.seed))[:cfg.data.train_subset]
-        dataset = torch.utils.data.Subset(dataset, sorted(keep.tolist()))
-    n_with_mask = rdata.mask_count(dataset) if cfg.views.mask_prob > 0 else None  # masking that cannot happen is said now
-    if n_with_mask == 0 and env.is_main:
-        warnings.warn(f"views.mask_prob={cfg.views.mask_prob} but no training image has a mask: no view will have its "
-                      "background removed (masks come with the generated datasets, with data.dataset=imagefolder:PATH,masks=PATH, "
-                      "or from data.masks=border or deepusps:WEIGHTS)")
+    dataset, n_classes, n_with_mask = training_set(cfg, env, progress)
     steps_per_epoch = len(dataset) // tc.batch_size
     if steps_per_epoch == 0: raise ValueError(f"the training set has {len(dataset)} images, fewer than train.batch_size={tc.batch_size}")
-    total = tc.epochs * steps_per_epoch
-    sampler = ResumableSampler(dataset, W, env.rank, tc.seed)
-    loader = DataLoader(dataset, batch_size=b, sampler=sampler, drop_last=True, collate_fn=rdata.collate,
-                        num_workers=cfg.data.num_workers, pin_memory=cfg.data.pin_memory and dev.type == "cuda",
-                        persistent_workers=False)
+    sampler, loader = make_loader(dataset, cfg, env)
     # ---------------- networks, loss, optimiser, schedules, generators: what every step uses ----------------
-    parts = build_step(cfg, env, n_classes, steps_per_epoch)
-    online, target, optimizer, scaler, gens = parts.online, parts.target, parts.optimizer, parts.scaler, parts.gens
-    supervised = target is None
+    p = build_step(cfg, env, n_classes, steps_per_epoch)
     # ---------------- resume ----------------
-    if env.is_main: remove_stale_temporaries(run_dir)  # half-written checkpoints of a killed run: never resumed from
-    step, ckpt_path = 0, None
-    if resume is not False:
-        path = Path(resume) if not isinstance(resume, bool) else (list_checkpoints(run_dir) or [None])[-1]
-        if path is not None:
-            state = load_checkpoint(path)
-            check_resumable(state["config"], cfg, path)
-            online.load_state_dict(state["online"])
-            if target is not None: target.load_state_dict(state["target"])
-            optimizer.load_state_dict(state["optimizer"])
-            if scaler is not None and state.get("scaler"): scaler.load_state_dict(state["scaler"])
-            rngs = state["rng"]
-            if len(rngs) != W: warnings.warn(f"checkpoint was written by {len(rngs)} processes, resuming with {W}: "
-                                             "random streams restart, so the run will not replay exactly")
-            else: set_rng_state(gens, rngs[env.rank])
-            step, ckpt_path = state["step"], path
-    elif list_checkpoints(run_dir):
-        raise CheckpointError(f"{str(run_dir)!r} already holds checkpoints; resume, or choose another train.out_dir")
-    log = MetricsLog(run_dir / "metrics.jsonl", resume_step=step, enabled=env.is_main, tensorboard=tc.tensorboard)
-    init_share = target_init_share(parts.taus) if target is not None else None  # under 1% is what a short run wants
-    if env.is_main:
-        from relicv2.config import save_config
+    if main: remove_stale_temporaries(run_dir)  # half-written checkpoints of a killed run: never resumed from
+    step, ckpt = resume_state(p, run_dir, resume)
+    log = MetricsLog(run_dir / "metrics.jsonl", resume_step=step, enabled=main, tensorboard=tc.tensorboard)
+    init_share = target_init_share(p.taus) if p.target is not None else None  # under 1% is what a short run wants
+    if main:
         save_config(cfg, run_dir / "config.yaml")
         if step == 0:
             if init_share is not None: log.write(step=0, epoch=0, target_init_share=init_share)
             if n_with_mask is not None: log.write(step=0, epoch=0, images_with_mask=n_with_mask, train_images=len(dataset))
-            if tc.monitor_steps: log.write(step=0, epoch=0, **monitor(online.encoder, cfg, dev))  # the curve starts at init
-
-    def checkpoint(step: int) -> Path:
-        "Every process hands in its random state; process 0 writes, unless some process holds a non-finite value."
-        # a finite loss does not make a resumable state: BN running statistics can overflow while batch statistics
-        # keep the loss finite (and, without SyncBN, differently on each process): every process checks, all agree
-        bad = non_finite(online=online, target=target)
-        flag = torch.tensor(0.0 if bad is None else 1.0, device=dev)
-        if env.distributed: dist.all_reduce(flag)
-        if flag.item():
-            raise TrainingDiverged(f"{bad or 'a weight or BN statistic of another process'} became NaN or infinite by step {step} "
-                                   f"(the loss was still finite); the last good checkpoint is "
-                                   f"{str(ckpt_path) if ckpt_path else 'none (no checkpoint was written yet)'}")
-        rngs = [rng_state(gens)]
-        if env.distributed:
-            rngs = [None] * W; dist.all_gather_object(rngs, rng_state(gens))
-        path = None
-        if env.is_main:
-            path = save_checkpoint({"step": step, "config": to_dict(cfg), "online": online.state_dict(),
-                                    "target": target.state_dict() if target is not None else None, "optimizer": optimizer.state_dict(),
-                                    "scaler": scaler.state_dict() if scaler else None, "rng": rngs,
-                                    "world_size": W}, run_dir, step, tc.keep_last)
-        return path
-
+            if tc.monitor_steps: log.write(step=0, epoch=0, **monitor(p.online.encoder, cfg, env.device))  # the curve starts at init
     # ---------------- the loop ----------------
-    end = min(total, max_steps) if max_steps is not None else total
-    bar = Progress(end, "supervised training" if supervised else "pretraining", progress if env.is_main else False,
+    end = tc.epochs * steps_per_epoch if max_steps is None else min(tc.epochs * steps_per_epoch, max_steps)
+    bar = Progress(end, "pretraining" if p.target is not None else "supervised training", progress if main else False,
                    initial=step, per_unit=tc.batch_size)
-    online.train()
-    if target is not None: target.train()  # the target's BN statistics come from its own forward pass [BYOL's network code]
-    L = cfg.views.n_large
-    loss_value, t_last, wait, masked = float("nan"), time.perf_counter(), 0.0, 0
-    epoch = step // steps_per_epoch
+    p.online.train()
+    if p.target is not None: p.target.train()  # the target's BN statistics come from its own forward pass [BYOL's network code]
+    meter, loss = StepLog(log, p, masks=n_with_mask is not None), float("nan")
     with StopSignals() as stop:  # SIGTERM / Ctrl-C: finish the step, write a checkpoint, stop (see above)
-        while step < end:
-            sampler.set_epoch(epoch); sampler.start = (step - epoch * steps_per_epoch) * b
-            t_wait = time.perf_counter()
-            for batch in loader:
-                if step >= end: break
-                batch = batch.to(dev, non_blocking=True)
-                wait += time.perf_counter() - t_wait
-                try: check, terms, v_masked = train_step(parts, batch, step)  # the paper's step (see above)
-                except TrainingDiverged as e:  # nothing was stepped: the last checkpoint is good
-                    raise TrainingDiverged(f"{e}; the last good checkpoint is "
-                                           f"{str(ckpt_path) if ckpt_path else 'none (no checkpoint was written yet)'}") from None
-                if n_with_mask is not None: masked = masked + v_masked.sum()  # large views with background removed
-                step += 1
-                loss_value = check.item(); bar.update(1, loss=loss_value)
-                if step % tc.log_every == 0 or step == end:
-                    now = time.perf_counter(); dt = now - t_last; t_last = now
-                    n = tc.log_every if step % tc.log_every == 0 else (step % tc.log_every)
-                    log.write(step=step, epoch=epoch, loss=loss_value, **{k: float(x) for k, x in terms.items()},
-                              lr=float(parts.lrs[step - 1]), ema=float(parts.taus[step - 1]), images_per_s=n * tc.batch_size / dt,
-                              data_wait=min(wait / dt, 1.0),
-                              **({"masked_views": float(masked) / (n * b * L)} if n_with_mask is not None else {}))
-                    masked = 0
-                    wait = 0.0
-                # the learning curve, before any checkpoint of this step: a run resumed from it keeps the point
-                if tc.monitor_steps and env.is_main and (step % tc.monitor_steps == 0 or step == end):
-                    log.write(step=step, epoch=epoch, **monitor(online.encoder, cfg, dev))
-                    online.train()
-                if step % tc.ckpt_every == 0 and step < end: ckpt_path = checkpoint(step) or ckpt_path
-                signum = torch.tensor(float(stop.received or 0), device=dev)
-                if env.distributed: dist.all_reduce(signum, op=dist.ReduceOp.MAX)  # one process's signal stops them all
-                if signum.item() and step < end:
-                    if step % tc.ckpt_every: ckpt_path = checkpoint(step) or ckpt_path
-                    bar.close()
-                    raise RunInterrupted(int(signum.item()), step, ckpt_path)
-                t_wait = time.perf_counter()
-            else:
-                epoch += 1
+        for epoch, batch in batches_from(loader, sampler, step, end, steps_per_epoch):
+            batch = batch.to(env.device, non_blocking=True); meter.arrived()
+            try: check, terms, masked = train_step(p, batch, step)  # the paper's step (see above)
+            except TrainingDiverged as e:  # nothing was stepped: the last checkpoint is good
+                raise TrainingDiverged(f"{e}; the last good checkpoint is {_last_good(ckpt)}") from None
+            step += 1
+            loss = check.item(); bar.update(1, loss=loss)
+            meter.step(step, epoch, loss, terms, masked, end)
+            # the learning curve, before any checkpoint of this step: a run resumed from it keeps the point
+            if tc.monitor_steps and main and (step % tc.monitor_steps == 0 or step == end):
+                log.write(step=step, epoch=epoch, **monitor(p.online.encoder, cfg, env.device)); p.online.train()
+            if step % tc.ckpt_every == 0 and step < end: ckpt = write_checkpoint(p, run_dir, step, ckpt) or ckpt
+            signum = stop_requested(stop, env)
+            if signum and step < end:
+                if step % tc.ckpt_every: ckpt = write_checkpoint(p, run_dir, step, ckpt) or ckpt
+                bar.close()
+                raise RunInterrupted(signum, step, ckpt)
+            meter.waiting()
     bar.close()
     # ---------------- the end of the run ----------------
-    if step > 0: ckpt_path = checkpoint(step) or ckpt_path
-    if env.is_main and step > 0:
+    if step > 0: ckpt = write_checkpoint(p, run_dir, step, ckpt) or ckpt
+    if main and step > 0:
         plot_metrics(run_dir / "metrics.jsonl", run_dir / "loss.png", title=f"{cfg.loss.objective} on {cfg.data.dataset}")
-    return RunResult(run_dir, step, loss_value, ckpt_path, init_share, online)
+    return RunResult(run_dir, step, loss, ckpt, init_share, p.online)
+
 
 # %% ../nbs/09_train.ipynb #526db87f
 def monitor(encoder: torch.nn.Module, cfg: RunConfig, device, n_train: int = 2000, n_test: int = 1000) -> dict:
