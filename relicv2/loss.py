@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -13,32 +14,38 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 # %% auto #0
-__all__ = ['KL_DIRECTIONS', 'KL_CONSTRUCTIONS', 'OBJECTIVES', 'check_loss_args', 'prepare', 'contrast_indices',
-           'anchored_log_probs', 'contrast_log_probs', 'kl_invariance', 'pair_loss', 'view_pairs', 'mean_over_pairs',
-           'relicv2_loss', 'relic_v1_loss', 'byol_pair_loss', 'view_loss', 'ReLICv2Loss']
+__all__ = ['KL_DIRECTIONS', 'KL_CONSTRUCTIONS', 'OBJECTIVES', 'LossParams', 'prepare', 'contrast_indices', 'anchored_log_probs',
+           'contrast_log_probs', 'kl_invariance', 'pair_loss', 'view_pairs', 'mean_over_pairs', 'relicv2_loss',
+           'relic_v1_loss', 'byol_pair_loss', 'view_loss', 'ReLICv2Loss']
 
 # %% ../nbs/05_loss.ipynb #a17f1740
 KL_DIRECTIONS = ("online_to_target", "target_to_online", "symmetric")
 KL_CONSTRUCTIONS = ("anchor_swap", "relic_v1")
 OBJECTIVES = ("relicv2", "infonce", "byol")
 
-def check_loss_args(tau: float = 0.2,  # temperature, > 0
-                    alpha: float = 1.0,  # weight of the invariance term, >= 0
-                    beta: float = 1.0,  # weight of the negatives in the denominator, > 0
-                    kl_direction: str = "online_to_target",  # one of `KL_DIRECTIONS`
-                    n_negatives: Optional[int] = 10,  # None, or an int >= 1 (the upper bound depends on the batch)
-                    kl_construction: str = "anchor_swap",  # one of `KL_CONSTRUCTIONS`
-                   ) -> None:
-    "Raise `ValueError` naming the first bad argument and its allowed values."
-    if not isinstance(tau, (int, float)) or not tau > 0: raise ValueError(f"tau must be a number > 0, got {tau!r}")
-    if not isinstance(alpha, (int, float)) or not alpha >= 0: raise ValueError(f"alpha must be a number >= 0, got {alpha!r}")
-    if not isinstance(beta, (int, float)) or not beta > 0: raise ValueError(f"beta must be a number > 0, got {beta!r}")
-    if kl_direction not in KL_DIRECTIONS:
-        raise ValueError(f"kl_direction must be one of {', '.join(map(repr, KL_DIRECTIONS))}, got {kl_direction!r}")
-    if n_negatives is not None and (isinstance(n_negatives, bool) or not isinstance(n_negatives, int) or n_negatives < 1):
-        raise ValueError(f"n_negatives must be None (all other images) or an int >= 1, got {n_negatives!r}")
-    if kl_construction not in KL_CONSTRUCTIONS:
-        raise ValueError(f"kl_construction must be one of {', '.join(map(repr, KL_CONSTRUCTIONS))}, got {kl_construction!r}")
+def _choice(name: str, value, allowed: tuple) -> None:
+    if value not in allowed: raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+
+@dataclass(frozen=True)
+class LossParams:
+    "The loss's knobs and their defaults; `ValueError` naming the first bad one and its allowed values when made."
+    tau: float = 0.2  # temperature of the similarity softmax, > 0 [R, verify]
+    alpha: float = 1.0  # weight of the invariance term, >= 0 [R, verify]
+    n_negatives: Optional[int] = 10  # negatives per anchor, an int >= 1 (at most N-1 for a batch of N); None: all others [R]
+    beta: float = 1.0  # weight of the negatives in the denominator, > 0; 1.0 = off [R]
+    kl_direction: str = "online_to_target"  # one of `KL_DIRECTIONS` [R]
+    kl_construction: str = "anchor_swap"  # one of `KL_CONSTRUCTIONS`: ReLICv2's anchor swap or ReLIC's view swap [R]
+
+    def __post_init__(self):
+        num = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)
+        if not num(self.tau) or not self.tau > 0: raise ValueError(f"tau must be a number > 0, got {self.tau!r}")
+        if not num(self.alpha) or not self.alpha >= 0: raise ValueError(f"alpha must be a number >= 0, got {self.alpha!r}")
+        if not num(self.beta) or not self.beta > 0: raise ValueError(f"beta must be a number > 0, got {self.beta!r}")
+        _choice("kl_direction", self.kl_direction, KL_DIRECTIONS)
+        n = self.n_negatives
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"n_negatives must be None (all other images) or an int >= 1, got {n!r}")
+        _choice("kl_construction", self.kl_construction, KL_CONSTRUCTIONS)
 
 # %% ../nbs/05_loss.ipynb #f935bfae
 def _check_pair(o: Tensor, t: Tensor) -> None:
@@ -58,7 +65,7 @@ def prepare(o: Tensor,  # (N, D) online predictor outputs
 # %% ../nbs/05_loss.ipynb #a837c2b1
 def contrast_indices(n: int,  # N, the number of images (rows of o and t)
                      anchors: Tensor,  # (A,) long, rows for which the loss is computed
-                     n_negatives: Optional[int] = 10,  # negatives per anchor, 1..N-1; None = all N-1 others
+                     n_negatives: Optional[int] = LossParams.n_negatives,  # negatives per anchor, 1..N-1; None = all N-1 others
                      generator: Optional[torch.Generator] = None,  # for reproducible draws (on any device)
                     ) -> Tensor:  # (A, 1 + n_e) long: column 0 = the anchor, then its negatives
     "Per anchor: itself, then `n_negatives` distinct other images drawn uniformly without replacement."
@@ -76,8 +83,8 @@ def contrast_indices(n: int,  # N, the number of images (rows of o and t)
 def anchored_log_probs(a: Tensor,  # (N, D) the anchors' side, L2-normalised
                        b: Tensor,  # (N, D) the side the anchors look at, L2-normalised
                        idx: Tensor,  # (A, 1 + n_e) contrast set per anchor, column 0 = the anchor
-                       tau: float = 0.2,  # temperature
-                       beta: float = 1.0,  # weight of the negatives in the normaliser
+                       tau: float = LossParams.tau,  # temperature
+                       beta: float = LossParams.beta,  # weight of the negatives in the normaliser
                       ) -> Tensor:  # (A, 1 + n_e) log softmax_k(phi(a_i, b_k) / tau), negatives weighted by beta
     "One distribution over the contrast set: how anchor row a_i spreads its similarity over the rows b_k."
     log_w = torch.zeros(idx.shape[1], dtype=a.dtype, device=a.device)
@@ -87,8 +94,8 @@ def anchored_log_probs(a: Tensor,  # (N, D) the anchors' side, L2-normalised
 def contrast_log_probs(o: Tensor,  # (N, D) online outputs, L2-normalised
                        t: Tensor,  # (N, D) target outputs, L2-normalised and detached
                        idx: Tensor,  # (A, 1 + n_e) contrast set per anchor, column 0 = the anchor
-                       tau: float = 0.2,  # temperature
-                       beta: float = 1.0,  # weight of the negatives in the normaliser
+                       tau: float = LossParams.tau,  # temperature
+                       beta: float = LossParams.beta,  # weight of the negatives in the normaliser
                       ) -> tuple[Tensor, Tensor]:  # log p_o (A, 1 + n_e) and log p_t (A, 1 + n_e), no grad
     "Log-softmax over each anchor's contrast set, anchored at the online view (p_o) and at the target view (p_t)."
     return anchored_log_probs(o, t, idx, tau, beta), anchored_log_probs(t, o.detach(), idx, tau, beta)  # p_t: roles swapped
@@ -96,7 +103,7 @@ def contrast_log_probs(o: Tensor,  # (N, D) online outputs, L2-normalised
 # %% ../nbs/05_loss.ipynb #6ec5ed5f
 def kl_invariance(log_p_o: Tensor,  # (A, K) log p_o, differentiable
                   log_p_t: Tensor,  # (A, K) log p_t, treated as constant (stop-gradient)
-                  kl_direction: str = "online_to_target",  # one of `KL_DIRECTIONS`
+                  kl_direction: str = LossParams.kl_direction,  # one of `KL_DIRECTIONS`
                  ) -> Tensor:  # (A,) invariance per anchor
     "KL divergence between the online- and target-anchored distributions, stop-gradient on p_t."
     log_p_t = log_p_t.detach()
@@ -105,7 +112,7 @@ def kl_invariance(log_p_o: Tensor,  # (A, K) log p_o, differentiable
     if kl_direction == "online_to_target": return o_to_t
     if kl_direction == "target_to_online": return t_to_o
     if kl_direction == "symmetric": return (o_to_t + t_to_o) / 2
-    raise ValueError(f"kl_direction must be one of {', '.join(map(repr, KL_DIRECTIONS))}, got {kl_direction!r}")
+    _choice("kl_direction", kl_direction, KL_DIRECTIONS)
 
 # %% ../nbs/05_loss.ipynb #87555bc9
 def _check_anchors(anchors, n, device) -> Tensor:
@@ -122,31 +129,31 @@ def _check_batch(n: int, n_negatives: Optional[int]) -> None:
     if n_negatives is not None and n_negatives > n - 1:
         raise ValueError(f"n_negatives must be None or an int in [1, {n - 1}] for this batch of N={n}, got {n_negatives}")
 
-def pair_loss(o: Tensor,  # (N, D) online predictor outputs (normalised inside)
-              t: Tensor,  # (N, D) target projections of the same N images (detached and normalised inside)
-              *,
-              tau: float = 0.2,  # temperature of the similarity softmax [R, verify]
-              alpha: float = 1.0,  # weight of the invariance term [R, verify]
-              n_negatives: Optional[int] = 10,  # negatives per anchor, 1..N-1; None = all other images [R]
-              beta: float = 1.0,  # weight of the negatives in the denominator; 1.0 = off [R]
-              kl_direction: str = "online_to_target",  # `online_to_target`, `target_to_online` or `symmetric` [R]
-              anchors: Optional[Tensor] = None,  # (A,) long rows to compute the loss for; default all N
-              generator: Optional[torch.Generator] = None,  # RNG for the negatives (any device)
-             ) -> tuple[Tensor, dict[str, Tensor]]:  # mean loss over anchors, {'contrastive', 'invariance'} detached
-    "ReLICv2 loss of one (online view, target view) pair: InfoNCE over a sampled contrast set + alpha * KL invariance."
-    check_loss_args(tau, alpha, beta, kl_direction, n_negatives)
+def _pair_loss(o: Tensor, t: Tensor, p: LossParams, anchors: Optional[Tensor], generator: Optional[torch.Generator]):
+    "`pair_loss` with its knobs already checked (in `p`): what the view grid calls for each of its pairs."
     _check_pair(o, t)
     n = o.shape[0]
-    _check_batch(n, n_negatives)
+    _check_batch(n, p.n_negatives)
     anchors = _check_anchors(anchors, n, o.device)
     with torch.autocast(o.device.type, enabled=False):  # float32 even under autocast
         o, t = prepare(o, t)
-        idx = contrast_indices(n, anchors, n_negatives, generator)
-        log_p_o, log_p_t = contrast_log_probs(o, t, idx, tau, beta)
+        idx = contrast_indices(n, anchors, p.n_negatives, generator)
+        log_p_o, log_p_t = contrast_log_probs(o, t, idx, p.tau, p.beta)
         contrastive = -log_p_o[:, 0]  # the positive is column 0
-        invariance = kl_invariance(log_p_o, log_p_t, kl_direction)
-        loss = (contrastive + alpha * invariance).mean()
+        invariance = kl_invariance(log_p_o, log_p_t, p.kl_direction)
+        loss = (contrastive + p.alpha * invariance).mean()
     return loss, {"contrastive": contrastive.mean().detach(), "invariance": invariance.mean().detach()}
+
+def pair_loss(o: Tensor,  # (N, D) online predictor outputs (normalised inside)
+              t: Tensor,  # (N, D) target projections of the same N images (detached and normalised inside)
+              *,
+              anchors: Optional[Tensor] = None,  # (A,) long rows to compute the loss for; default all N
+              generator: Optional[torch.Generator] = None,  # RNG for the negatives (any device)
+              **params,  # `LossParams` fields: tau, alpha, n_negatives, beta, kl_direction
+             ) -> tuple[Tensor, dict[str, Tensor]]:  # mean loss over anchors, {'contrastive', 'invariance'} detached
+    "ReLICv2 loss of one (online view, target view) pair: InfoNCE over a sampled contrast set + alpha * KL invariance."
+    return _pair_loss(o, t, LossParams(**params), anchors, generator)
+
 
 # %% ../nbs/05_loss.ipynb #48f41bbe
 def view_pairs(n_large: int,  # L, large views (seen by both networks)
@@ -182,44 +189,56 @@ def mean_over_pairs(pair_fn: Callable[[Tensor, Tensor], tuple[Tensor, dict]],  #
         for k, v in tm.items(): terms[k] = terms.get(k, 0.0) + v
     return total / len(pairs), {k: v / len(pairs) for k, v in terms.items()}
 
+def _relicv2_loss(online_large, online_small, target_large, p: LossParams, anchors, generator):
+    return mean_over_pairs(lambda o, t: _pair_loss(o, t, p, anchors, generator), online_large, online_small, target_large)
+
 def relicv2_loss(online_large: Sequence[Tensor],  # L tensors (N, D): online predictor outputs of the large views
                  online_small: Sequence[Tensor],  # S tensors (N, D): online predictor outputs of the small views
                  target_large: Sequence[Tensor],  # L tensors (N, D): target projections of the large views
-                 **pair_kwargs,  # keyword arguments of `pair_loss` (tau, alpha, n_negatives, beta, kl_direction, anchors, generator)
+                 *,
+                 anchors: Optional[Tensor] = None,  # (A,) long rows to compute the loss for; default all N
+                 generator: Optional[torch.Generator] = None,  # RNG for the negatives
+                 **params,  # `LossParams` fields: tau, alpha, n_negatives, beta, kl_direction (checked once, for all pairs)
                 ) -> tuple[Tensor, dict[str, Tensor]]:  # loss, {'contrastive', 'invariance'} averaged over pairs
     "ReLICv2 multi-crop loss: `pair_loss` summed over large x large (i == j included) and small x large, / (L+S)*L."
-    return mean_over_pairs(lambda o, t: pair_loss(o, t, **pair_kwargs), online_large, online_small, target_large)
+    p = LossParams(**params)
+    if p.kl_construction != "anchor_swap":
+        raise ValueError(f"relicv2_loss is the 'anchor_swap' construction; for kl_construction={p.kl_construction!r} use view_loss")
+    return _relicv2_loss(online_large, online_small, target_large, p, anchors, generator)
+
 
 # %% ../nbs/05_loss.ipynb #a14e57c4
-def relic_v1_loss(online_large: Sequence[Tensor],  # L >= 2 tensors (N, D): online predictor outputs of the large views
-                  online_small: Sequence[Tensor],  # S tensors (N, D): online predictor outputs of the small views
-                  target_large: Sequence[Tensor],  # L tensors (N, D): target projections of the large views
-                  *,
-                  tau: float = 0.2, alpha: float = 1.0, n_negatives: Optional[int] = 10, beta: float = 1.0,  # as in `pair_loss`
-                  kl_direction: str = "online_to_target",  # as in `pair_loss`
-                  anchors: Optional[Tensor] = None,  # (A,) long rows to compute the loss for; default all N
-                  generator: Optional[torch.Generator] = None,  # RNG for the negatives
-                 ) -> tuple[Tensor, dict[str, Tensor]]:  # loss, {'contrastive', 'invariance'} detached
+def _relic_v1_loss(online_large, online_small, target_large, p: LossParams, anchors, generator):
     "The multi-crop loss with ReLIC's invariance: KL(p_ij || sg[p_ji]) between the two orderings of large views i != j."
-    check_loss_args(tau, alpha, beta, kl_direction, n_negatives)
     _check_views(online_large, online_small, target_large)
     n_large, online = len(online_large), list(online_large) + list(online_small)
     if n_large < 2: raise ValueError(f"kl_construction 'relic_v1' needs at least 2 large views (a pair in both orders), got L={n_large}")
     for i, x in enumerate(online): _check_pair(x, target_large[i % n_large])
     n = online[0].shape[0]
-    _check_batch(n, n_negatives)
+    _check_batch(n, p.n_negatives)
     anchors = _check_anchors(anchors, n, online[0].device)
     log_p, shared = {}, {}
     with torch.autocast(online[0].device.type, enabled=False):
         for i, j in view_pairs(n_large, len(online_small)):
             o, t = prepare(online[i], target_large[j])
             key = (min(i, j), max(i, j)) if i < n_large and i != j else (i, j)  # the two orderings share negatives
-            if key not in shared: shared[key] = contrast_indices(n, anchors, n_negatives, generator)
-            log_p[i, j] = anchored_log_probs(o, t, shared[key], tau, beta)
+            if key not in shared: shared[key] = contrast_indices(n, anchors, p.n_negatives, generator)
+            log_p[i, j] = anchored_log_probs(o, t, shared[key], p.tau, p.beta)
         contrastive = torch.stack([-lp[:, 0].mean() for lp in log_p.values()]).mean()
-        invariance = torch.stack([kl_invariance(log_p[i, j], log_p[j, i], kl_direction).mean()
+        invariance = torch.stack([kl_invariance(log_p[i, j], log_p[j, i], p.kl_direction).mean()
                                   for i in range(n_large) for j in range(n_large) if i != j]).mean()
-    return contrastive + alpha * invariance, {"contrastive": contrastive.detach(), "invariance": invariance.detach()}
+    return contrastive + p.alpha * invariance, {"contrastive": contrastive.detach(), "invariance": invariance.detach()}
+
+def relic_v1_loss(online_large: Sequence[Tensor],  # L >= 2 tensors (N, D): online predictor outputs of the large views
+                  online_small: Sequence[Tensor],  # S tensors (N, D): online predictor outputs of the small views
+                  target_large: Sequence[Tensor],  # L tensors (N, D): target projections of the large views
+                  *,
+                  anchors: Optional[Tensor] = None,  # (A,) long rows to compute the loss for; default all N
+                  generator: Optional[torch.Generator] = None,  # RNG for the negatives
+                  **params,  # `LossParams` fields: tau, alpha, n_negatives, beta, kl_direction
+                 ) -> tuple[Tensor, dict[str, Tensor]]:  # loss, {'contrastive', 'invariance'} detached
+    "The multi-crop loss with ReLIC's invariance: KL(p_ij || sg[p_ji]) between the two orderings of large views i != j."
+    return _relic_v1_loss(online_large, online_small, target_large, LossParams(**params), anchors, generator)
 
 # %% ../nbs/05_loss.ipynb #61fc43d9
 def byol_pair_loss(o: Tensor,  # (N, D) online predictor outputs
@@ -236,48 +255,45 @@ def byol_pair_loss(o: Tensor,  # (N, D) online predictor outputs
     return loss, {"byol": loss.detach()}
 
 # %% ../nbs/05_loss.ipynb #5ee93aec
+def _view_loss(objective: str, p: LossParams, online_large, online_small, target_large, anchors, generator):
+    _choice("objective", objective, OBJECTIVES)
+    if objective == "byol":
+        return mean_over_pairs(lambda o, t: byol_pair_loss(o, t, anchors=anchors), online_large, online_small, target_large,
+                               include_same=False)
+    if objective == "infonce": p = replace(p, alpha=0.0)  # the same loss without its invariance term
+    loss_fn = _relic_v1_loss if p.kl_construction == "relic_v1" else _relicv2_loss
+    return loss_fn(online_large, online_small, target_large, p, anchors, generator)
+
 def view_loss(objective: str,  # `relicv2`, `infonce` (alpha = 0) or `byol`
               online_large: Sequence[Tensor],  # L tensors (N, D): online outputs of the large views
               online_small: Sequence[Tensor],  # S tensors (N, D): online outputs of the small views
               target_large: Sequence[Tensor],  # L tensors (N, D): target outputs of the large views
               *,
-              tau: float = 0.2, alpha: float = 1.0, n_negatives: Optional[int] = 10, beta: float = 1.0,  # as in `pair_loss`
-              kl_direction: str = "online_to_target",  # as in `pair_loss`
-              kl_construction: str = "anchor_swap",  # `anchor_swap` (`relicv2_loss`) or `relic_v1` (`relic_v1_loss`)
               anchors: Optional[Tensor] = None,  # (A,) long rows of the (gathered) batch owned by this process
               generator: Optional[torch.Generator] = None,  # RNG for the negatives
+              **params,  # `LossParams` fields (checked even for byol: a bad config is bad)
              ) -> tuple[Tensor, dict[str, Tensor]]:  # loss, averaged terms
     "The multi-crop loss of the chosen objective, averaged over its view pairs."
-    if objective not in OBJECTIVES: raise ValueError(f"objective must be one of {', '.join(map(repr, OBJECTIVES))}, got {objective!r}")
-    check_loss_args(tau, alpha, beta, kl_direction, n_negatives, kl_construction)  # even for byol: a bad config is bad
-    if objective == "byol":
-        return mean_over_pairs(lambda o, t: byol_pair_loss(o, t, anchors=anchors), online_large, online_small, target_large,
-                               include_same=False)
-    loss_fn = relic_v1_loss if kl_construction == "relic_v1" else relicv2_loss
-    return loss_fn(online_large, online_small, target_large, tau=tau, alpha=0.0 if objective == "infonce" else alpha,
-                   n_negatives=n_negatives, beta=beta, kl_direction=kl_direction, anchors=anchors, generator=generator)
+    _choice("objective", objective, OBJECTIVES)
+    return _view_loss(objective, LossParams(**params), online_large, online_small, target_large, anchors, generator)
 
 class ReLICv2Loss(nn.Module):
     "The configured multi-crop objective as a module: `loss, terms = crit(online_large, online_small, target_large)`."
-    def __init__(self, objective: str = "relicv2", tau: float = 0.2, alpha: float = 1.0, n_negatives: Optional[int] = 10,
-                 beta: float = 1.0, kl_direction: str = "online_to_target", kl_construction: str = "anchor_swap"):
+    def __init__(self, objective: str = "relicv2",  # one of `OBJECTIVES`
+                 **params,  # `LossParams` fields; checked here, once
+                ):
         super().__init__()
-        if objective not in OBJECTIVES: raise ValueError(f"objective must be one of {', '.join(map(repr, OBJECTIVES))}, got {objective!r}")
-        check_loss_args(tau, alpha, beta, kl_direction, n_negatives, kl_construction)
-        self.objective, self.tau, self.alpha, self.n_negatives, self.beta = objective, tau, alpha, n_negatives, beta
-        self.kl_direction, self.kl_construction = kl_direction, kl_construction
+        _choice("objective", objective, OBJECTIVES)
+        self.objective, self.params = objective, LossParams(**params)
 
     @classmethod
     def from_config(cls, cfg) -> "ReLICv2Loss":
-        "Build from a `LossConfig` (objective, tau, alpha, n_negatives, beta, kl_direction, kl_construction)."
-        return cls(cfg.objective, cfg.tau, cfg.alpha, cfg.n_negatives, cfg.beta, cfg.kl_direction, cfg.kl_construction)
+        "Build from a `LossConfig` (its objective and the `LossParams` fields)."
+        return cls(cfg.objective, **{f: getattr(cfg, f) for f in LossParams.__dataclass_fields__})
 
     def forward(self, online_large: Sequence[Tensor], online_small: Sequence[Tensor], target_large: Sequence[Tensor], *,
                 anchors: Optional[Tensor] = None, generator: Optional[torch.Generator] = None) -> tuple[Tensor, dict[str, Tensor]]:
-        return view_loss(self.objective, online_large, online_small, target_large, tau=self.tau, alpha=self.alpha,
-                         n_negatives=self.n_negatives, beta=self.beta, kl_direction=self.kl_direction,
-                         kl_construction=self.kl_construction, anchors=anchors, generator=generator)
+        return _view_loss(self.objective, self.params, online_large, online_small, target_large, anchors, generator)
 
     def extra_repr(self) -> str:
-        return (f"objective={self.objective!r}, tau={self.tau}, alpha={self.alpha}, n_negatives={self.n_negatives}, "
-                f"beta={self.beta}, kl_direction={self.kl_direction!r}, kl_construction={self.kl_construction!r}")
+        return f"objective={self.objective!r}, " + ", ".join(f"{k}={v!r}" for k, v in asdict(self.params).items())
