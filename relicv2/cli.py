@@ -347,11 +347,11 @@ def saliency_parser() -> argparse.ArgumentParser:
     return p
 
 def saliency_main(argv: list[str] | None = None) -> int:
-    "Entry point of `relicv2-saliency`: arguments first (so that --help needs no torch), then `relicv2.saliency.saliency_command`."
+    "Entry point of `relicv2-saliency`: arguments first (so that --help needs no torch), then `relicv2.mask_tree.saliency_command`."
     argv = sys.argv[1:] if argv is None else list(argv)
     args = saliency_parser().parse_args(argv)
     try:
-        from relicv2.saliency import saliency_command
+        from relicv2.mask_tree import saliency_command
         return saliency_command(args, argv)
     except (ValueError, TypeError, FileNotFoundError) as e:  # bad input: one line, exit 2
         print(f"relicv2-saliency: error: {e}", file=sys.stderr)

@@ -504,7 +504,7 @@ def mask_count(ds: Dataset) -> Optional[int]:
         if isinstance(inner, TensorImages): return 0 if inner.masks is None else len(ds.indices)
         if isinstance(getattr(inner, "has_mask", None), torch.Tensor): return int(inner.has_mask[list(ds.indices)].sum())
         return None
-    if isinstance(ds, ImageFolderMasked) or isinstance(getattr(ds, "has_mask", None), torch.Tensor): return ds.n_masks  # e.g. relicv2.saliency.SaliencyMasked
+    if isinstance(ds, ImageFolderMasked) or isinstance(getattr(ds, "has_mask", None), torch.Tensor): return ds.n_masks  # e.g. relicv2.mask_tree.SaliencyMasked
     if isinstance(ds, TensorImages): return 0 if ds.masks is None else len(ds)
     return None
 
@@ -593,7 +593,7 @@ def from_config(data_cfg,  # a `relicv2.config.DataConfig`
                 progress=None,  # how computed masks (`data.masks`) report progress: see `relicv2.progress.progress_mode`
                 **kw,  # extra constructor arguments (override the config's, image_size included)
                ) -> Dataset:
-    "The dataset a `DataConfig` describes, with the masks `data_cfg.masks` names (see `relicv2.saliency.SaliencyMasked`)."
+    "The dataset a `DataConfig` describes, with the masks `data_cfg.masks` names (see `relicv2.mask_tree.SaliencyMasked`)."
     scheme, source = data_cfg.dataset.partition(":")[0], getattr(data_cfg, "masks", "dataset")
     if scheme == "imagefolder" and masks and source not in ("dataset", "none"):
         raise ValueError(f"data.masks={source!r} computes masks in memory, for generated and in-memory datasets; for an image folder "
@@ -605,7 +605,7 @@ def from_config(data_cfg,  # a `relicv2.config.DataConfig`
     image_size = kw.pop("image_size", data_cfg.image_size)  # None: the images at their own size
     ds = make_dataset(data_cfg.dataset, split, image_size=image_size, **kw)
     if masks and source != "dataset" and scheme != "imagefolder":
-        from relicv2.saliency import SaliencyMasked  # imported here: relicv2.saliency builds on this module
+        from relicv2.mask_tree import SaliencyMasked  # imported here: relicv2.mask_tree builds on this module
         ds = SaliencyMasked(ds, source, progress=progress)
     return ds
 

@@ -5,7 +5,6 @@
 # %% ../nbs/04a_networks.ipynb #4a000004
 from __future__ import annotations
 
-import copy
 import dataclasses
 from typing import Callable, Sequence
 
@@ -14,6 +13,7 @@ from torch import Tensor, nn
 
 from .config import EncoderConfig, HeadConfig
 from .encoder import ResNet, resnet
+from .target import make_target
 
 # %% auto #0
 __all__ = ['MLPHead', 'multicrop_forward', 'OnlineNetwork', 'TargetNetwork', 'build_networks', 'SupervisedNetwork']
@@ -81,13 +81,6 @@ class TargetNetwork(nn.Module):
         super().__init__()
         self.encoder, self.projector = encoder, projector
 
-    @classmethod
-    def from_online(cls, online: OnlineNetwork) -> TargetNetwork:
-        "A frozen deep copy of `online`'s encoder and projector (no gradients, no `.grad`)."
-        target = cls(copy.deepcopy(online.encoder), copy.deepcopy(online.projector))
-        for p in target.parameters(): p.requires_grad_(False); p.grad = None
-        return target
-
     def forward(self, x: Tensor | Sequence[Tensor],  # (B, 3, H, W) images in [0, 1], or a list of such views
                 group: bool = True,  # for a list: one pass per view size (False: one per view)
                ) -> Tensor | list[Tensor]:  # (B, out_dim) projections, one per view for a list
@@ -101,7 +94,7 @@ def build_networks(encoder_cfg: EncoderConfig, head_cfg: HeadConfig) -> tuple[On
     projector = MLPHead(enc.feat_dim, head_cfg.projector_hidden, head_cfg.projector_out)
     predictor = MLPHead(head_cfg.projector_out, head_cfg.predictor_hidden, head_cfg.projector_out)
     online = OnlineNetwork(enc, projector, predictor)
-    return online, TargetNetwork.from_online(online)
+    return online, make_target(online.without_predictor())  # a frozen deep copy of the shared half
 
 # %% ../nbs/04a_networks.ipynb #3dd78f50
 class SupervisedNetwork(nn.Module):

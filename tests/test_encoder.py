@@ -10,6 +10,7 @@ from torch import nn
 from relicv2.config import EncoderConfig, HeadConfig, preset
 from relicv2.encoder import ARCHS, TORCHVISION_ARCHS, BasicBlock, Bottleneck, ResNet, export_torchvision, resnet
 from relicv2.networks import MLPHead, OnlineNetwork, TargetNetwork, build_networks, multicrop_forward
+from relicv2.target import make_target
 
 
 def shapes(sd):
@@ -240,7 +241,7 @@ def test_target_copy_drops_grads():
     cfg = preset("tiny")
     online, _ = build_networks(cfg.encoder, cfg.heads)
     online(torch.rand(4, 3, 16, 16)).sum().backward()
-    target = TargetNetwork.from_online(online)
+    target = make_target(online.without_predictor())
     assert all(p.grad is None and not p.requires_grad for p in target.parameters())
     assert all(p.grad is not None and p.requires_grad for p in online.parameters())
 

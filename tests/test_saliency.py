@@ -10,10 +10,11 @@ import torch
 from torchvision.io import write_jpeg, write_png
 
 from relicv2.data import ImageFolderMasked, SyntheticShapes
-from relicv2.saliency import (CLASSICAL, LOG, MANIFEST, METHODS, SaliencyMeter, SaliencyUNet, binarize, clean_mask,
-                              compute_saliency, deepusps_saliency, evaluate_methods, fbeta_adaptive, fbeta_max,
-                              iou_score, load_deepusps, mae_score, masks_at_size, otsu_threshold, pr_curves,
-                              saliency_to_mask, save_deepusps, train_deepusps, write_masks, SaliencyMasked)
+from relicv2.saliency import CLASSICAL, binarize, clean_mask, otsu_threshold, saliency_to_mask
+from relicv2.saliency_metrics import SaliencyMeter, fbeta_adaptive, fbeta_max, iou_score, mae_score, pr_curves
+from relicv2.deepusps import (METHODS, SaliencyUNet, compute_saliency, deepusps_saliency, evaluate_methods, load_deepusps,
+                              masks_at_size, save_deepusps, train_deepusps)
+from relicv2.mask_tree import LOG, MANIFEST, SaliencyMasked, write_masks
 from relicv2.cli import saliency_main
 
 ALL = [*CLASSICAL, "fusion"]
