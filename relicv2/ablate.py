@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .config import ConfigError, RunConfig, atomic_write, preset, to_dict, update, _read_file, PRESETS
+from .config import RunConfig, preset, to_dict, update, PRESETS
+from .files import ConfigError, atomic_write, read_file
 from .evaluate import BASELINES
 from .progress import ProgressArg, announce
 
@@ -67,7 +68,7 @@ _GRID_KEYS = {"preset": str, "out_dir": str, "seeds": list, "common": dict, "var
 
 def load_spec(source: str | Path | dict) -> AblationSpec:
     "An `AblationSpec` from a YAML/JSON file or a dict, validated (every run's config is built once)."
-    data = dict(source) if isinstance(source, dict) else _read_file(Path(source))
+    data = dict(source) if isinstance(source, dict) else read_file(source)
     where = "ablation spec" if isinstance(source, dict) else f"ablation spec {str(source)!r}"
     for k, v in data.items():
         if k not in _GRID_KEYS: raise ConfigError(f"unknown key {k!r} in {where}; allowed: {', '.join(_GRID_KEYS)}")

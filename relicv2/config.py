@@ -13,13 +13,15 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Literal, Optional
+
+from .files import ConfigError, atomic_write, read_file  # the ground floor (00b_files); also importable from here
 
 # %% auto #0
 __all__ = ['Pair', 'SALIENCY_METHODS', 'RANGES', 'RENAMED', 'SHORT_RUN', 'PRESETS', 'MAIN_PRESET', 'CONVERT_FORMATS',
            'DataConfig', 'ViewsConfig', 'EncoderConfig', 'HeadConfig', 'LossConfig', 'TargetConfig', 'OptimConfig',
-           'TrainConfig', 'EvalConfig', 'RunConfig', 'ConfigError', 'coerce', 'check_range', 'update', 'to_dict',
-           'preset', 'atomic_write', 'parse_set', 'load_config', 'save_config']
+           'TrainConfig', 'EvalConfig', 'RunConfig', 'coerce', 'check_range', 'update', 'to_dict', 'preset',
+           'parse_set', 'load_config', 'save_config']
 
 # %% ../nbs/00_config.ipynb #cb0670b3
 @dataclass
@@ -97,7 +99,8 @@ class LossConfig:
 @dataclass
 class TargetConfig:
     "The EMA target network."
-    tau_base: float = 0.996  # [B] base EMA momentum, raised to 1 by a cosine schedule per step
+    tau_base: float = 0.996  # [B] BYOL's tau_base: the base EMA momentum (06_target's base_momentum), raised to 1 by a cosine
+                            # schedule per step; not a temperature (that is loss.tau)
 
 # %% ../nbs/00_config.ipynb #227ff917
 @dataclass
@@ -157,9 +160,6 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 # %% ../nbs/00_config.ipynb #02554521
-class ConfigError(ValueError):
-    "A bad preset, field or value; the message names it and what is allowed."
-
 def _near(name, options):
     "A ' (did you mean X?)' hint, or ''."
     m = difflib.get_close_matches(name, list(options), n=1)
@@ -236,7 +236,7 @@ _MASKS = ((lambda v: v in ("dataset", "none") or v in SALIENCY_METHODS[:-1] or (
 RANGES = {  # field -> (accepts(value), what it accepts); every float must also be finite
     "data.image_size": _ge(1), "data.num_workers": _ge(0), "data.synthetic_size": _ge(8), "data.synthetic_train": _ge(1),
     "data.spurious_correlation": _PROB, "data.train_subset": _OPT_GE1, "data.masks": _MASKS,
-    "views.n_large": _ge(1), "views.n_small": _ge(0), "views.large_size": _ge(1), "views.small_size": _ge(1),
+    "views.n_large": _ge(1), "views.n_small": _ge(0), "views.large_size": _ge(2), "views.small_size": _ge(2),
     "views.large_scale": _AREA, "views.small_scale": _AREA, "views.ratio": _POS_PAIR, "views.flip_prob": _PROB,
     "views.jitter_prob": _PROB, "views.brightness": _PROB, "views.contrast": _PROB, "views.saturation": _PROB,
     "views.hue": _between(0.0, 0.5), "views.grayscale_prob": _PROB, "views.blur_prob": _PROB_PAIR,
@@ -359,51 +359,7 @@ def preset(name: str) -> RunConfig:
         raise ConfigError(f"unknown preset {name!r}{_near(name, PRESETS)}; allowed: {', '.join(PRESETS)}")
     return update(RunConfig(), PRESETS[name])
 
-# %% ../nbs/00_config.ipynb #02c0eabe
-def atomic_write(path: str | Path,  # the file to create or replace
-                 data: bytes | str | Callable[[Any], None],  # the content, or a function that writes it to a binary file
-                 fsync: bool = True,  # flush to disk before the rename (what makes it crash-proof, not only interrupt-proof)
-                ) -> Path:
-    "Write `data` to `path` atomically: a hidden temporary file in the same folder, then `os.replace`."
-    import os, tempfile
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if callable(data): data(f)
-            else: f.write(data.encode("utf-8") if isinstance(data, str) else data)
-            f.flush()
-            if fsync: os.fsync(f.fileno())
-        umask = os.umask(0); os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        # torch.save reports a failed write as its own RuntimeError ("unexpected pos"); the OS's reason (a full disk,
-        # a quota) is its context: raise that, naming the file, so the user reads "No space left on device"
-        reason = e if isinstance(e, OSError) else e.__context__ if isinstance(e, RuntimeError) else None
-        if isinstance(reason, OSError) and reason.errno is not None:
-            raise OSError(reason.errno, reason.strerror, str(path)) from None
-        raise
-    return path
-
 # %% ../nbs/00_config.ipynb #4e3ab7bd
-def _read_file(path: Path) -> dict:
-    if not path.is_file(): raise ConfigError(f"config file {str(path)!r} does not exist")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() in (".yaml", ".yml"):
-        import yaml
-        try: data = yaml.safe_load(text)
-        except yaml.YAMLError as e: raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}".splitlines()[0]) from None
-    elif path.suffix.lower() == ".json":
-        try: data = json.loads(text)
-        except json.JSONDecodeError as e: raise ConfigError(f"config file {str(path)!r} is not valid JSON: {e}") from None
-    else: raise ConfigError(f"config file {str(path)!r} must end in .yaml, .yml or .json")
-    if data is None: return {}
-    if not isinstance(data, dict): raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
-    return data
-
 def parse_set(items: list[str]) -> dict:
     "Turn `['loss.alpha=0.5', ...]` into `{'loss.alpha': '0.5', ...}`."
     out = {}
@@ -419,7 +375,7 @@ def load_config(preset_name: str | None = None,  # a preset's name; default: the
                 overrides: list[str] | dict | None = None,  # `--set` items, or a dict of them
                ) -> RunConfig:
     "Resolve a preset, then a config file, then command-line overrides, into one `RunConfig`."
-    data = _read_file(Path(path)) if path is not None else {}
+    data = read_file(path) if path is not None else {}
     file_preset = data.pop("preset", None)
     if preset_name is not None and file_preset is not None and preset_name != file_preset:
         raise ConfigError(f"preset {preset_name!r} given, but config file {str(path)!r} asks for preset {file_preset!r}")

@@ -16,34 +16,34 @@ from torch import Tensor, nn
 __all__ = ['BufferMode', 'BUFFER_MODES', 'ema_momentum', 'momentum_schedule', 'target_init_share', 'make_target', 'update_target']
 
 # %% ../nbs/06_target.ipynb #32c56401
-def _check_schedule_args(total_steps, tau_base):
+def _check_schedule_args(total_steps, base_momentum):
     if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
         raise ValueError(f"total_steps must be an int >= 1, got {total_steps!r}")
-    if isinstance(tau_base, bool) or not isinstance(tau_base, (int, float)) or not 0.0 <= tau_base <= 1.0:
-        raise ValueError(f"tau_base must be a float in [0, 1], got {tau_base!r}")
+    if isinstance(base_momentum, bool) or not isinstance(base_momentum, (int, float)) or not 0.0 <= base_momentum <= 1.0:
+        raise ValueError(f"base_momentum must be a float in [0, 1], got {base_momentum!r}")
 
 def ema_momentum(step: int,  # current training step k, 0 <= k <= total_steps
                  total_steps: int,  # K, the number of optimisation steps of the run
-                 tau_base: float = 0.996,  # [B] momentum at k = 0
+                 base_momentum: float = 0.996,  # [B] momentum at k = 0
                 ) -> float:
-    "BYOL's target momentum at step `step`: 1 - (1 - tau_base) * (cos(pi k / K) + 1) / 2."
-    _check_schedule_args(total_steps, tau_base)
+    "BYOL's target momentum at step `step`: 1 - (1 - base_momentum) * (cos(pi k / K) + 1) / 2."
+    _check_schedule_args(total_steps, base_momentum)
     if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= total_steps:
         raise ValueError(f"step must be an int in [0, total_steps={total_steps}], got {step!r}")
-    return 1.0 - (1.0 - tau_base) * (math.cos(math.pi * step / total_steps) + 1.0) / 2.0
+    return 1.0 - (1.0 - base_momentum) * (math.cos(math.pi * step / total_steps) + 1.0) / 2.0
 
 def momentum_schedule(total_steps: int,  # K, the number of optimisation steps of the run
-                      tau_base: float = 0.996,  # [B] momentum at k = 0
-                     ) -> Tensor:  # (K,) float64, entry k is `ema_momentum(k, K, tau_base)`
+                      base_momentum: float = 0.996,  # [B] momentum at k = 0
+                     ) -> Tensor:  # (K,) float64, entry k is `ema_momentum(k, K, base_momentum)`
     "The target momentum for every step of the run, precomputed."
-    _check_schedule_args(total_steps, tau_base)
+    _check_schedule_args(total_steps, base_momentum)
     k = torch.arange(total_steps, dtype=torch.float64)
-    tau = 1.0 - (1.0 - tau_base) * (torch.cos(math.pi * k / total_steps) + 1.0) / 2.0
-    assert tau.shape == (total_steps,)
-    return tau
+    m = 1.0 - (1.0 - base_momentum) * (torch.cos(math.pi * k / total_steps) + 1.0) / 2.0
+    assert m.shape == (total_steps,)
+    return m
 
 # %% ../nbs/06_target.ipynb #60f8b820
-def target_init_share(momenta: Tensor,  # (K,) the momentum of every step, e.g. `momentum_schedule(K, tau_base)`
+def target_init_share(momenta: Tensor,  # (K,) the momentum of every step, e.g. `momentum_schedule(K, base_momentum)`
                      ) -> float:
     "Share of the target's initial weights left in it after the run: the product of the momenta."
     if not isinstance(momenta, Tensor) or momenta.ndim != 1: raise ValueError("momenta must be a 1-D tensor of per-step momenta")

@@ -29,22 +29,22 @@ def _params(m):
 # ---------------------------------------------------------------- schedule
 
 def test_schedule_matches_scalar_formula():
-    K, tb = 37, 0.99
-    s = momentum_schedule(K, tb)
+    K, base = 37, 0.99
+    s = momentum_schedule(K, base)
     assert s.dtype == torch.float64 and s.shape == (K,)
     for k in range(K):
-        expected = 1 - (1 - tb) * (math.cos(math.pi * k / K) + 1) / 2
+        expected = 1 - (1 - base) * (math.cos(math.pi * k / K) + 1) / 2
         assert s[k].item() == pytest.approx(expected, abs=1e-15)
-        assert ema_momentum(k, K, tb) == pytest.approx(expected, abs=1e-15)
+        assert ema_momentum(k, K, base) == pytest.approx(expected, abs=1e-15)
 
 
-@pytest.mark.parametrize("tau_base", [0.0, 0.5, 1.0])
-def test_schedule_extremes(tau_base):
-    s = momentum_schedule(10, tau_base)
-    assert s[0].item() == pytest.approx(tau_base)
-    assert ema_momentum(10, 10, tau_base) == 1.0
+@pytest.mark.parametrize("base_momentum", [0.0, 0.5, 1.0])
+def test_schedule_extremes(base_momentum):
+    s = momentum_schedule(10, base_momentum)
+    assert s[0].item() == pytest.approx(base_momentum)
+    assert ema_momentum(10, 10, base_momentum) == 1.0
     assert (s.diff() >= 0).all()
-    if tau_base == 1.0: assert (s == 1.0).all()
+    if base_momentum == 1.0: assert (s == 1.0).all()
 
 
 def test_schedule_single_step():
@@ -58,16 +58,16 @@ def test_schedule_single_step():
     (dict(step=-1, total_steps=10), "step"),
     (dict(step=11, total_steps=10), "step"),
     (dict(step=1.5, total_steps=10), "step"),
-    (dict(step=0, total_steps=10, tau_base=1.1), "tau_base"),
-    (dict(step=0, total_steps=10, tau_base=-0.1), "tau_base"),
-    (dict(step=0, total_steps=10, tau_base=float("nan")), "tau_base"),
-    (dict(step=0, total_steps=10, tau_base="0.99"), "tau_base"),
+    (dict(step=0, total_steps=10, base_momentum=1.1), "base_momentum"),
+    (dict(step=0, total_steps=10, base_momentum=-0.1), "base_momentum"),
+    (dict(step=0, total_steps=10, base_momentum=float("nan")), "base_momentum"),
+    (dict(step=0, total_steps=10, base_momentum="0.99"), "base_momentum"),
 ])
 def test_ema_momentum_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match): ema_momentum(**kwargs)
 
 
-@pytest.mark.parametrize("args, match", [((0,), "total_steps"), ((-3,), "total_steps"), ((10, 2.0), "tau_base")])
+@pytest.mark.parametrize("args, match", [((0,), "total_steps"), ((-3,), "total_steps"), ((10, 2.0), "base_momentum")])
 def test_momentum_schedule_bad_input(args, match):
     with pytest.raises(ValueError, match=match): momentum_schedule(*args)
 
@@ -197,17 +197,17 @@ def test_mismatched_buffers_refused():
     with pytest.raises(ValueError, match="buffers"): update_target(target, online, 0.5, buffers="copy")
 
 
-@pytest.mark.parametrize("K, tau_base", [(1, 0.5), (156, 0.996), (468, 0.97), (1000, 0.99)])
-def test_target_init_share_is_what_the_ema_leaves(K, tau_base):
+@pytest.mark.parametrize("K, base_momentum", [(1, 0.5), (156, 0.996), (468, 0.97), (1000, 0.99)])
+def test_target_init_share_is_what_the_ema_leaves(K, base_momentum):
     "With an online network held at zero, the target after K updates is exactly share x its initial weights."
     from relicv2.target import target_init_share
     torch.manual_seed(0)
     online, target = nn.Linear(4, 3), nn.Linear(4, 3)
     nn.init.zeros_(online.weight); nn.init.zeros_(online.bias)
     w0 = target.weight.detach().clone()
-    taus = momentum_schedule(K, tau_base)
-    for t in taus: update_target(target, online, float(t))
-    share = target_init_share(taus)
+    momenta = momentum_schedule(K, base_momentum)
+    for t in momenta: update_target(target, online, float(t))
+    share = target_init_share(momenta)
     torch.testing.assert_close(target.weight.detach(), share * w0, rtol=1e-4, atol=1e-7)
     assert 0 < share < 1
 
