@@ -22,7 +22,8 @@ import torch
 from torchvision.transforms import v2
 
 from relicv2.memory import tune_malloc
-from relicv2.views import ViewGenerator, blur_kernel_size
+from relicv2.augment import blur_kernel_size
+from relicv2.views import ViewGenerator
 
 
 def make_batch(n: int, size: int, seed: int = 0):
@@ -38,30 +39,30 @@ def make_batch(n: int, size: int, seed: int = 0):
 
 def torchvision_pipelines(gen: ViewGenerator, uint8: bool = False) -> dict:
     "The per-image torchvision.transforms.v2 pipelines, for uint8 or float inputs: (large|small, view type) -> Compose."
-    bicubic = v2.InterpolationMode.BICUBIC
+    c, bicubic = gen.cfg, v2.InterpolationMode.BICUBIC
     def pipe(size, scale, t):
         return v2.Compose([
-            v2.RandomResizedCrop(size, scale=scale, ratio=gen.ratio, interpolation=bicubic, antialias=False),  # no antialiasing, as ours (and BYOL's)
-            v2.RandomHorizontalFlip(gen.flip_prob),
-            v2.RandomApply([v2.ColorJitter(gen.brightness, gen.contrast, gen.saturation, gen.hue)], p=gen.jitter_prob),
-            v2.RandomGrayscale(gen.grayscale_prob),
-            v2.RandomApply([v2.GaussianBlur(blur_kernel_size(size), sigma=gen.blur_sigma)], p=gen.blur_prob[t]),
-            v2.RandomSolarize(threshold=128 if uint8 else 0.5, p=gen.solarize_prob[t]),
+            v2.RandomResizedCrop(size, scale=scale, ratio=c.ratio, interpolation=bicubic, antialias=False),  # no antialiasing, as ours (and BYOL's)
+            v2.RandomHorizontalFlip(c.flip_prob),
+            v2.RandomApply([v2.ColorJitter(c.brightness, c.contrast, c.saturation, c.hue)], p=c.jitter_prob),
+            v2.RandomGrayscale(c.grayscale_prob),
+            v2.RandomApply([v2.GaussianBlur(blur_kernel_size(size), sigma=c.blur_sigma)], p=c.blur_prob[t]),
+            v2.RandomSolarize(threshold=128 if uint8 else 0.5, p=c.solarize_prob[t]),
         ] + ([v2.ToDtype(torch.float32, scale=True)] if uint8 else []))
-    return {(k, t): pipe(gen.large_size if k == "large" else gen.small_size, gen.large_scale if k == "large" else gen.small_scale, t)
+    return {(k, t): pipe(c.large_size if k == "large" else c.small_size, c.large_scale if k == "large" else c.small_scale, t)
             for k in ("large", "small") for t in (0, 1)}
 
 
 def per_image_views(images, masks, gen: ViewGenerator, pipes: dict):
     "The same views made one image and one view at a time (float pipelines: faster here than uint8 ones)."
-    large, small = [], []
+    c, large, small = gen.cfg, [], []
     for img, m in zip(images, masks):
         x = img.float().div_(255)
-        usable = m.float().mean() >= gen.min_mask_coverage
-        for i in range(gen.n_large):
-            src = x * m if usable and torch.rand(()) < gen.mask_prob else x  # background to zeros
+        usable = m.float().mean() >= c.min_mask_coverage
+        for i in range(c.n_large):
+            src = x * m if usable and torch.rand(()) < c.mask_prob else x  # background to zeros
             large.append(pipes[("large", i % 2)](src))
-        for i in range(gen.n_small):
+        for i in range(c.n_small):
             small.append(pipes[("small", i % 2)](x))
     return large, small
 

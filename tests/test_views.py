@@ -1,4 +1,4 @@
-"Statistical, alignment, reproducibility and bad-input tests of relicv2.views (the notebook holds the lessons)."
+"Statistical, alignment, reproducibility and bad-input tests of relicv2.views and relicv2.augment (the notebooks hold the lessons)."
 import math
 import re
 import subprocess
@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from relicv2.config import ViewsConfig
-from relicv2.views import MASK_FILLS, ViewGenerator, remove_background, sample_crop_boxes, swap_partners
+from relicv2.augment import MASK_FILLS, remove_background, sample_crop_boxes, swap_partners
+from relicv2.config import ConfigError, ViewsConfig
+from relicv2.views import ViewGenerator
 
 ROOT = Path(__file__).resolve().parents[1]
 OFF = dict(flip_prob=0.0, jitter_prob=0.0, grayscale_prob=0.0, blur_prob=(0.0, 0.0), solarize_prob=(0.0, 0.0), mask_prob=0.0)
@@ -265,28 +266,43 @@ def test_small_or_absent_masks_are_never_used():
     assert not ViewGenerator(**SMALL, mask_prob=1.0)(noise(n, side)).masked.any()  # no masks: nothing masked
 
 
-def test_from_config_and_defaults():
-    assert repr(ViewGenerator.from_config(ViewsConfig())) == repr(ViewGenerator())
-    g = ViewGenerator.from_config(ViewsConfig(n_large=2, mask_fill="mean"), large_size=16)
-    assert (g.n_large, g.mask_fill, g.large_size) == (2, "mean", 16)
+def test_parameters_come_from_the_config():
+    "The generator declares no parameter of its own: its defaults are ViewsConfig's, its overrides ViewsConfig's fields."
+    assert ViewGenerator().cfg == ViewsConfig() and repr(ViewGenerator.from_config(ViewsConfig())) == repr(ViewGenerator())
+    g = ViewGenerator(ViewsConfig(n_large=2, mask_fill="mean"), large_size=16)
+    assert g.cfg == ViewsConfig(n_large=2, mask_fill="mean", large_size=16)
+    assert (g.n_large, g.mask_fill, g.large_size) == (2, "mean", 16)  # read-only views of g.cfg
+    with pytest.raises(AttributeError): g.mask_prob = 0.5
+    cfg = ViewsConfig(); g = ViewGenerator(cfg); cfg.n_large = 7
+    assert g.n_large == 4  # the generator keeps its own checked copy
+
+
+def test_unknown_keyword_is_refused_by_name():
+    with pytest.raises(ConfigError, match=r"unknown config field views\.mask_probability \(did you mean 'mask_prob'\?\)"):
+        ViewGenerator(mask_probability=0.5)
+    with pytest.raises(TypeError, match="cfg must be a ViewsConfig or None"):
+        ViewGenerator({"n_large": 2})
 
 
 # ---------------------------------------------------------------- bad input
 @pytest.mark.parametrize("kw, name", [
     (dict(n_large=0), "n_large"), (dict(n_large=2.0), "n_large"), (dict(n_large=True), "n_large"), (dict(n_small=-1), "n_small"),
-    (dict(large_size=1), "large_size"), (dict(small_size="16"), "small_size"),
+    (dict(large_size=0), "large_size"), (dict(small_size="sixteen"), "small_size"),
     (dict(large_scale=(0.0, 1.0)), "large_scale"), (dict(large_scale=(0.5, 0.2)), "large_scale"),
     (dict(small_scale=(0.1, 1.5)), "small_scale"), (dict(small_scale=0.1), "small_scale"), (dict(ratio=(0.0, 1.0)), "ratio"),
     (dict(ratio=(4 / 3, 3 / 4)), "ratio"), (dict(flip_prob=1.5), "flip_prob"), (dict(flip_prob=-0.1), "flip_prob"),
     (dict(jitter_prob=None), "jitter_prob"), (dict(brightness=-0.1), "brightness"), (dict(contrast=1.5), "contrast"),
-    (dict(saturation=2.0), "saturation"), (dict(hue=0.6), "hue"), (dict(grayscale_prob="0.2"), "grayscale_prob"),
+    (dict(saturation=2.0), "saturation"), (dict(hue=0.6), "hue"), (dict(grayscale_prob="often"), "grayscale_prob"),
     (dict(blur_prob=(1.0,)), "blur_prob"), (dict(blur_prob=(1.2, 0.1)), "blur_prob"), (dict(blur_sigma=(0.0, 2.0)), "blur_sigma"),
     (dict(blur_sigma=(2.0, 0.1)), "blur_sigma"), (dict(solarize_prob=(0.0, -0.2)), "solarize_prob"), (dict(mask_prob=1.1), "mask_prob"),
     (dict(mask_fill="black"), "mask_fill"), (dict(min_mask_coverage=2), "min_mask_coverage"),
 ])
 def test_bad_arguments_name_themselves(kw, name):
-    with pytest.raises(ValueError, match=rf"^{name} must be"):
+    "Checked once, at construction, by the config's own rules (`coerce` and `RANGES`): the message names the field."
+    with pytest.raises(ConfigError, match=rf"^config field '?views\.{name}'? (must|expects)"):
         ViewGenerator(**kw)
+    with pytest.raises(ConfigError, match=rf"views\.{name}"):
+        ViewGenerator(ViewsConfig(**kw))  # a bad field of the config itself is caught too
 
 
 U8 = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
