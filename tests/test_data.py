@@ -1,4 +1,4 @@
-"Edge cases and statistics of relicv2.data: determinism, cache, synthetic statistics, ImageFolder/IDX bad inputs, collate, parsing."
+"Edge cases and statistics of relicv2.data, relicv2.synthetic and relicv2.readers: determinism, cache, synthetic statistics, ImageFolder/IDX bad inputs, collate, parsing."
 import gzip
 import os
 import struct
@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from relicv2 import data as D
+from relicv2 import data as D, readers as R, synthetic as S
 from relicv2.config import DataConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")
@@ -56,22 +56,22 @@ def tree(tmp_path, n_per_class=2, classes=("a", "b"), split="train"):
 
 # ------------------------------------------------------------------------------------------------ synthetic: determinism
 def test_same_seed_same_bytes_other_seed_other_bytes():
-    a = D.generate_synthetic("train", size=24, n=300, seed=3)
-    b = D.generate_synthetic("train", size=24, n=300, seed=3)
-    c = D.generate_synthetic("train", size=24, n=300, seed=4)
+    a = S.generate_synthetic("train", size=24, n=300, seed=3)
+    b = S.generate_synthetic("train", size=24, n=300, seed=3)
+    c = S.generate_synthetic("train", size=24, n=300, seed=4)
     for k in a: assert torch.equal(a[k], b[k]), k
     assert not torch.equal(a["images"], c["images"])
     assert torch.equal(a["labels"], c["labels"])  # labels cycle through the classes whatever the seed
 
 
 def test_splits_differ_and_do_not_depend_on_thread_count():
-    tr = D.generate_synthetic("train", size=24, n=64)
-    te = D.generate_synthetic("test", size=24, n=64)
+    tr = S.generate_synthetic("train", size=24, n=64)
+    te = S.generate_synthetic("test", size=24, n=64)
     assert not torch.equal(tr["images"], te["images"])
     n = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = D.generate_synthetic("train", size=24, n=64)
+        one = S.generate_synthetic("train", size=24, n=64)
     finally: torch.set_num_threads(n)
     assert torch.equal(one["images"], tr["images"])
 
@@ -80,18 +80,18 @@ def test_bad_synthetic_arguments():
     for kw, msg in [(dict(split="val"), "train, test, test_ood"), (dict(n_classes=13), "n_classes"),
                     (dict(n_classes=1), "n_classes"), (dict(spurious_correlation=1.5), "spurious_correlation"),
                     (dict(size=15), "size"), (dict(n=-1), "n must")]:
-        with pytest.raises(ValueError, match=msg): D.generate_synthetic(**{"n": 8, **kw})
+        with pytest.raises(ValueError, match=msg): S.generate_synthetic(**{"n": 8, **kw})
 
 
 def test_empty_split():
-    d = D.generate_synthetic("train", size=16, n=0)
+    d = S.generate_synthetic("train", size=16, n=0)
     assert d["images"].shape == (0, 3, 16, 16) and d["labels"].dtype == torch.int64
 
 
 # -------------------------------------------------------------------------------------------------- synthetic: content
 @pytest.fixture(scope="module")
 def big():
-    return D.generate_synthetic("train", size=32, n=3000, spurious_correlation=0.8, seed=1)
+    return S.generate_synthetic("train", size=32, n=3000, spurious_correlation=0.8, seed=1)
 
 
 def test_masks_binary_nonempty_exact(big):
@@ -115,7 +115,7 @@ def test_labels_balanced(big):
 @pytest.mark.parametrize("split,p", [("train", 0.8), ("test", 0.8), ("test", 0.3), ("test_ood", None)])
 def test_correlation_strength(split, p):
     n = 3000
-    d = D.generate_synthetic(split, size=16, n=n, spurious_correlation=p if p is not None else 0.9, seed=2)
+    d = S.generate_synthetic(split, size=16, n=n, spurious_correlation=p if p is not None else 0.9, seed=2)
     target = p if p is not None else 0.1
     frac = (d["labels"] == d["backgrounds"]).float().mean().item()
     assert abs(frac - target) < 4 * (target * (1 - target) / n) ** 0.5, (frac, target)
@@ -124,7 +124,7 @@ def test_correlation_strength(split, p):
 
 
 def test_ood_backgrounds_independent_of_class():
-    d = D.generate_synthetic("test_ood", size=16, n=4000, seed=5)
+    d = S.generate_synthetic("test_ood", size=16, n=4000, seed=5)
     c = torch.bincount(d["labels"] * 10 + d["backgrounds"], minlength=100).reshape(10, 10).double()
     expected = c.sum(1, keepdim=True) * c.sum(0, keepdim=True) / c.sum()
     chi2 = ((c - expected) ** 2 / expected).sum().item()
@@ -146,7 +146,7 @@ def test_generation_speed():
     try:
         torch.set_num_threads(1)
         t0, c0 = time.perf_counter(), time.process_time()
-        d = D.generate_synthetic("train", size=64, n=5000, seed=9)
+        d = S.generate_synthetic("train", size=64, n=5000, seed=9)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     finally: torch.set_num_threads(n)
     print(f"\nsynthetic: 5000 images at 64 px in {wall:.2f} s wall, {cpu:.2f} s CPU (1 thread): {5000 / cpu:.0f} img/s per core")
@@ -159,24 +159,24 @@ PARAMS = dict(split="test", size=16, n=40, n_classes=10, spurious_correlation=0.
 
 
 def test_cache_round_trip(tmp_path, monkeypatch):
-    a = D.load_or_generate(tmp_path, **PARAMS)
+    a = S.load_or_generate(tmp_path, **PARAMS)
     files = list(tmp_path.iterdir())
     assert len(files) == 1 and files[0].suffix == ".pt" and not files[0].name.startswith(".")
-    monkeypatch.setattr(D, "generate_synthetic", lambda **kw: pytest.fail("regenerated despite a valid cache"))
-    b = D.load_or_generate(tmp_path, **PARAMS)
+    monkeypatch.setattr(S, "generate_synthetic", lambda **kw: pytest.fail("regenerated despite a valid cache"))
+    b = S.load_or_generate(tmp_path, **PARAMS)
     for k in a: assert torch.equal(a[k], b[k])
 
 
 def test_cache_key_covers_every_parameter(tmp_path):
-    D.load_or_generate(tmp_path, **PARAMS)
+    S.load_or_generate(tmp_path, **PARAMS)
     for k, v in [("seed", 1), ("spurious_correlation", 0.5), ("n_classes", 5), ("size", 17), ("n", 41), ("split", "train")]:
-        D.load_or_generate(tmp_path, **{**PARAMS, k: v})
+        S.load_or_generate(tmp_path, **{**PARAMS, k: v})
     assert len(list(tmp_path.glob("*.pt"))) == 7
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty", "stale"])
 def test_corrupt_cache_is_regenerated_with_a_warning(tmp_path, damage):
-    good = D.load_or_generate(tmp_path, **PARAMS)
+    good = S.load_or_generate(tmp_path, **PARAMS)
     (path,) = tmp_path.glob("*.pt")
     raw = path.read_bytes()
     if damage == "truncate": path.write_bytes(raw[: len(raw) // 2])
@@ -185,34 +185,34 @@ def test_corrupt_cache_is_regenerated_with_a_warning(tmp_path, damage):
     else:  # a readable file whose content is not what its name promises
         d = torch.load(path, weights_only=True); d["images"] = d["images"][:5]; torch.save(d, path)
     with pytest.warns(UserWarning, match="regenerating"):
-        again = D.load_or_generate(tmp_path, **PARAMS)
+        again = S.load_or_generate(tmp_path, **PARAMS)
     for k in good: assert torch.equal(good[k], again[k])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        D.load_or_generate(tmp_path, **PARAMS)  # the rewritten file is valid
+        S.load_or_generate(tmp_path, **PARAMS)  # the rewritten file is valid
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary files left behind
 
 
 def test_cache_dir_from_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("RELICV2_CACHE", str(tmp_path / "env-cache"))
-    assert D.default_cache_dir() == tmp_path / "env-cache"
-    ds = D.SyntheticShapes("test", size=16, n=10)
+    assert S.default_cache_dir() == tmp_path / "env-cache"
+    ds = S.SyntheticShapes("test", size=16, n=10)
     assert len(list((tmp_path / "env-cache").glob("*.pt"))) == 1 and len(ds) == 10
 
 
 def test_no_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("RELICV2_CACHE", str(tmp_path / "c"))
-    D.SyntheticShapes("test", size=16, n=10, cache_dir=False)
+    S.SyntheticShapes("test", size=16, n=10, cache_dir=False)
     assert not (tmp_path / "c").exists()
 
 
 def test_synthetic_dataset_items(tmp_path):
-    ds = D.SyntheticShapes("test_ood", size=16, n=20, cache_dir=tmp_path)
+    ds = S.SyntheticShapes("test_ood", size=16, n=20, cache_dir=tmp_path)
     image, mask, label = ds[7]
     assert image.shape == (3, 16, 16) and mask.shape == (1, 16, 16) and isinstance(label, int) and label == 7
     image[:] = 0; mask[:] = 0  # items are copies: the dataset is not modified through them
     assert ds.images[7].any() and ds.masks[7].any()
-    up = D.SyntheticShapes("test_ood", size=16, n=20, cache_dir=tmp_path, image_size=32)
+    up = S.SyntheticShapes("test_ood", size=16, n=20, cache_dir=tmp_path, image_size=32)
     im2, m2, _ = up[7]
     assert im2.shape == (3, 32, 32) and set(m2.unique().tolist()) <= {0, 1} and m2.sum() == 4 * ds.masks[7].sum()
     assert ds.cooccurrence().sum() == 20
@@ -220,7 +220,7 @@ def test_synthetic_dataset_items(tmp_path):
 
 # --------------------------------------------------------------------------------------------------------- collate
 def test_collate_mixed_masks_and_loader_with_workers(tmp_path):
-    ds = D.SyntheticShapes("test", size=16, n=12, cache_dir=tmp_path)
+    ds = S.SyntheticShapes("test", size=16, n=12, cache_dir=tmp_path)
     nomask = D.TensorImages(ds.images, ds.labels)
     items = [ds[0], nomask[1], ds[2]]
     b = D.collate(items)
@@ -254,39 +254,39 @@ def test_tensor_images_bad_input():
 # ------------------------------------------------------------------------------------------------------ ImageFolder
 def test_imagefolder_basic_and_classes(tmp_path):
     root = tree(tmp_path, classes=("zebra", "ant"))
-    ds = D.ImageFolderMasked(root, "train")
+    ds = R.ImageFolderMasked(root, "train")
     assert ds.classes == ["ant", "zebra"] and len(ds) == 4 and ds.n_masks == 0
     image, mask, label = ds[3]
     assert image.dtype == torch.uint8 and image.shape == (3, 12, 16) and mask is None and label == 1
     assert torch.equal(image, rand_img(seed=1))  # lossless PNG read back exactly
-    flat = D.ImageFolderMasked(root / "train")  # split=None: classes directly under root
+    flat = R.ImageFolderMasked(root / "train")  # split=None: classes directly under root
     assert len(flat) == 4
 
 
 def test_imagefolder_labels_come_from_the_training_split(tmp_path):
     root = tree(tmp_path, classes=("ant", "bee", "cat"))
     for c in ("bee", "cat"): write(root / "val" / c / "x.png", png_bytes(rand_img()))  # val lacks 'ant', the first class
-    train, val = D.ImageFolderMasked(root, "train"), D.ImageFolderMasked(root, "val")
+    train, val = R.ImageFolderMasked(root, "train"), R.ImageFolderMasked(root, "val")
     assert val.classes == train.classes == ["ant", "bee", "cat"]
     assert sorted(y for _, _, y in val) == [1, 2]  # counted within val they would be 0 and 1: every accuracy wrong
     # through the config route the evaluation takes
     ds = D.make_dataset(f"imagefolder:{root}", "val")
     assert [y for _, _, y in ds] == [1, 2]
     write(root / "val" / "dog" / "y.png", png_bytes(rand_img()))
-    with pytest.raises(ValueError, match="dog .*not classes of the training split"): D.ImageFolderMasked(root, "val")
+    with pytest.raises(ValueError, match="dog .*not classes of the training split"): R.ImageFolderMasked(root, "val")
 
 
 def test_imagefolder_missing_and_empty(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope"): D.ImageFolderMasked(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="nope"): R.ImageFolderMasked(tmp_path / "nope")
     root = tree(tmp_path)
-    with pytest.raises(FileNotFoundError, match=r"val.*\['train'\]"): D.ImageFolderMasked(root, "val")
+    with pytest.raises(FileNotFoundError, match=r"val.*\['train'\]"): R.ImageFolderMasked(root, "val")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="no class folders"): D.ImageFolderMasked(tmp_path / "empty")
+    with pytest.raises(ValueError, match="no class folders"): R.ImageFolderMasked(tmp_path / "empty")
     (root / "train" / "c").mkdir()
-    with pytest.raises(ValueError, match=r"train/c holds no images"): D.ImageFolderMasked(root, "train")
+    with pytest.raises(ValueError, match=r"train/c holds no images"): R.ImageFolderMasked(root, "train")
     (root / "train" / "c" / "notes.txt").write_text("x")
-    with pytest.raises(ValueError, match=r"train/c holds no images"): D.ImageFolderMasked(root, "train")
-    with pytest.raises(FileNotFoundError, match="mask folder"): D.ImageFolderMasked(root, "train", masks_root=tmp_path / "m")
+    with pytest.raises(ValueError, match=r"train/c holds no images"): R.ImageFolderMasked(root, "train")
+    with pytest.raises(FileNotFoundError, match="mask folder"): R.ImageFolderMasked(root, "train", masks_root=tmp_path / "m")
 
 
 def test_imagefolder_ignored_files_are_reported(tmp_path):
@@ -295,7 +295,7 @@ def test_imagefolder_ignored_files_are_reported(tmp_path):
     (root / "train" / "a" / "photo.tiff").write_bytes(b"x")
     write(root / "train" / "a" / "UPPER.PNG", png_bytes(rand_img()))
     with pytest.warns(UserWarning, match="ignored 2 non-image files"):
-        ds = D.ImageFolderMasked(root, "train")
+        ds = R.ImageFolderMasked(root, "train")
     assert len(ds) == 5
 
 
@@ -307,7 +307,7 @@ def test_imagefolder_conversions(tmp_path):
     write(root / "c" / "rgba.png", png_bytes(torch.cat([rgb, torch.zeros_like(rgb[:1])])))
     write(root / "c" / "rgb16.png", png_bytes(rgb.long() * 256 + 100, depth=16))
     write(root / "c" / "grayjpg.jpg", jpeg_bytes(rgb[:1]))
-    ds = D.ImageFolderMasked(root)
+    ds = R.ImageFolderMasked(root)
     got = {p.name: ds[i][0] for i, (p, _, _) in enumerate(ds.samples)}
     assert all(t.shape == (3, 6, 5) and t.dtype == torch.uint8 for t in got.values())
     assert torch.equal(got["gray.png"], rgb[:1].expand(3, -1, -1))  # grayscale: channel repeated
@@ -324,22 +324,22 @@ def test_corrupt_image_named(tmp_path, kind):
     bad = {"png-half": png[: len(png) // 2], "png-header": png[:20], "jpeg-half": jpg[: len(jpg) // 2],
            "jpeg-no-eoi": jpg[:-2], "not-an-image": b"hello world" * 5, "empty": b""}[kind]
     path = write(root / "train" / "b" / ("z.jpg" if "jpeg" in kind else "z.png"), bad)
-    ds = D.ImageFolderMasked(root, "train")
-    with pytest.raises(D.CorruptImageError, match=str(path)): ds[len(ds) - 1]
+    ds = R.ImageFolderMasked(root, "train")
+    with pytest.raises(R.CorruptImageError, match=str(path)): ds[len(ds) - 1]
 
 
 def test_skip_corrupt_reports_and_counts(tmp_path):
     root = tree(tmp_path)
     bad = write(root / "train" / "a" / "1b.png", png_bytes(rand_img())[:40])  # sorts between a/1.png and b/0.png
-    strict = D.ImageFolderMasked(root, "train")
-    with pytest.raises(D.CorruptImageError, match="1b.png"): strict[2]
-    ds = D.ImageFolderMasked(root, "train", skip_corrupt=True)
+    strict = R.ImageFolderMasked(root, "train")
+    with pytest.raises(R.CorruptImageError, match="1b.png"): strict[2]
+    ds = R.ImageFolderMasked(root, "train", skip_corrupt=True)
     with pytest.warns(UserWarning, match=f"skipping corrupt file: cannot decode {bad}"):
         image, mask, label = ds[2]
     assert label == 1 and torch.equal(image, rand_img(seed=10)) and ds.n_skipped == 1  # the next image: b/0.png
     with pytest.warns(UserWarning, match="2 skipped so far"): ds[2]
     for p, _, _ in ds.samples: write(p, b"broken")
-    with pytest.warns(UserWarning), pytest.raises(D.CorruptImageError, match="every image"): ds[0]
+    with pytest.warns(UserWarning), pytest.raises(R.CorruptImageError, match="every image"): ds[0]
 
 
 def masked_tree(tmp_path, mask: torch.Tensor, size=(12, 16)):
@@ -351,20 +351,20 @@ def masked_tree(tmp_path, mask: torch.Tensor, size=(12, 16)):
 def test_masks_found_missing_and_binarised(tmp_path):
     m = torch.zeros(1, 12, 16, dtype=torch.uint8); m[:, 2:8, 3:9] = 255
     root, masks = masked_tree(tmp_path, m)
-    ds = D.ImageFolderMasked(root, "train", masks_root=masks)
+    ds = R.ImageFolderMasked(root, "train", masks_root=masks)
     assert ds.n_masks == 1
     _, mask, _ = ds[0]
     assert mask.dtype == torch.uint8 and mask.shape == (1, 12, 16) and torch.equal(mask, m // 255)
     assert ds[1][1] is None  # no mask file: no mask
     write(masks / "train" / "a" / "1.png", png_bytes(m // 255))  # {0, 1} masks are accepted as they are
-    assert torch.equal(D.ImageFolderMasked(root, "train", masks_root=masks)[1][1], m // 255)
+    assert torch.equal(R.ImageFolderMasked(root, "train", masks_root=masks)[1][1], m // 255)
     b = D.collate([ds[0], ds[1]])
     assert b.has_mask.tolist() == [True, False]
 
 
 def test_mask_size_mismatch_names_both(tmp_path):
     root, masks = masked_tree(tmp_path, torch.zeros(1, 12, 15, dtype=torch.uint8))
-    ds = D.ImageFolderMasked(root, "train", masks_root=masks)
+    ds = R.ImageFolderMasked(root, "train", masks_root=masks)
     with pytest.raises(ValueError, match=r"masks/train/a/0.png is \(12, 15\) but its image .*data/train/a/0.png is \(12, 16\)"): ds[0]
 
 
@@ -372,26 +372,26 @@ def test_non_binary_mask_and_threshold(tmp_path):
     m = torch.arange(12 * 16, dtype=torch.uint8).reshape(1, 12, 16)
     root, masks = masked_tree(tmp_path, m)
     with pytest.raises(ValueError, match=r"masks/train/a/0.png is not binary"):
-        D.ImageFolderMasked(root, "train", masks_root=masks)[0]
-    ds = D.ImageFolderMasked(root, "train", masks_root=masks, mask_threshold=100)
+        R.ImageFolderMasked(root, "train", masks_root=masks)[0]
+    ds = R.ImageFolderMasked(root, "train", masks_root=masks, mask_threshold=100)
     assert torch.equal(ds[0][1], (m > 100).to(torch.uint8))
     rgb_mask = torch.cat([m // 128 * 255] * 3)  # an RGB mask with values {0, 255} is read as gray
     root2, masks2 = masked_tree(tmp_path / "2", rgb_mask)
-    assert torch.equal(D.ImageFolderMasked(root2, "train", masks_root=masks2)[0][1], (m >= 128).to(torch.uint8))
+    assert torch.equal(R.ImageFolderMasked(root2, "train", masks_root=masks2)[0][1], (m >= 128).to(torch.uint8))
 
 
 def test_corrupt_mask_is_named_and_skippable(tmp_path):
     root, masks = masked_tree(tmp_path, torch.zeros(1, 12, 16, dtype=torch.uint8))
     write(masks / "train" / "a" / "0.png", b"\x89PNG broken")
-    with pytest.raises(D.CorruptImageError, match="masks/train/a/0.png"): D.ImageFolderMasked(root, "train", masks_root=masks)[0]
-    ds = D.ImageFolderMasked(root, "train", masks_root=masks, skip_corrupt=True)
+    with pytest.raises(R.CorruptImageError, match="masks/train/a/0.png"): R.ImageFolderMasked(root, "train", masks_root=masks)[0]
+    ds = R.ImageFolderMasked(root, "train", masks_root=masks, skip_corrupt=True)
     with pytest.warns(UserWarning, match="0.png"): assert ds[0][1] is None  # served a/1.png, which has no mask
 
 
 def test_masks_root_matching_nothing_is_an_error(tmp_path):
     root = tree(tmp_path)
     write(tmp_path / "masks" / "train" / "a" / "other.png", png_bytes(torch.zeros(1, 12, 16, dtype=torch.uint8)))
-    with pytest.raises(ValueError, match="no mask in"): D.ImageFolderMasked(root, "train", masks_root=tmp_path / "masks")
+    with pytest.raises(ValueError, match="no mask in"): R.ImageFolderMasked(root, "train", masks_root=tmp_path / "masks")
 
 
 def test_resize_keeps_mask_aligned(tmp_path):
@@ -402,8 +402,8 @@ def test_resize_keeps_mask_aligned(tmp_path):
     write(tmp_path / "r" / "train" / "c" / "y.png", png_bytes(rand_img(3, 40, 20)))  # another size
     write(tmp_path / "m" / "train" / "c" / "x.png", png_bytes(m))
     with pytest.raises(ValueError, match="image_size"):
-        D.collate([D.ImageFolderMasked(tmp_path / "r", "train")[i] for i in range(2)])
-    ds = D.ImageFolderMasked(tmp_path / "r", "train", masks_root=tmp_path / "m", image_size=24)
+        D.collate([R.ImageFolderMasked(tmp_path / "r", "train")[i] for i in range(2)])
+    ds = R.ImageFolderMasked(tmp_path / "r", "train", masks_root=tmp_path / "m", image_size=24)
     b = D.collate([ds[0], ds[1]])
     assert b.images.shape == (2, 3, 24, 24)
     bright = b.images[0, 0] > 127
@@ -428,14 +428,14 @@ def fake_fmnist(root: Path, n=6, gz=True, split="train"):
 @pytest.mark.parametrize("gz", [True, False])
 def test_fashion_mnist_tiny_idx(tmp_path, gz):
     imgs, labels = fake_fmnist(tmp_path, gz=gz)
-    ds = D.FashionMNIST(tmp_path, "train")
+    ds = R.FashionMNIST(tmp_path, "train")
     image, mask, label = ds[4]
     assert image.shape == (3, 28, 28) and mask is None and label == 4
     assert torch.equal(image, imgs[4].expand(3, -1, -1))
-    assert D.FashionMNIST(tmp_path, "train", image_size=32)[0][0].shape == (3, 32, 32)
-    with pytest.raises(FileNotFoundError, match="t10k-images-idx3-ubyte"): D.FashionMNIST(tmp_path, "test")
-    with pytest.raises(ValueError, match="train, test"): D.FashionMNIST(tmp_path, "val")
-    with pytest.raises(FileNotFoundError, match="does not exist"): D.FashionMNIST(tmp_path / "nope")
+    assert R.FashionMNIST(tmp_path, "train", image_size=32)[0][0].shape == (3, 32, 32)
+    with pytest.raises(FileNotFoundError, match="t10k-images-idx3-ubyte"): R.FashionMNIST(tmp_path, "test")
+    with pytest.raises(ValueError, match="train, test"): R.FashionMNIST(tmp_path, "val")
+    with pytest.raises(FileNotFoundError, match="does not exist"): R.FashionMNIST(tmp_path / "nope")
 
 
 def test_idx_errors_name_the_file(tmp_path):
@@ -443,39 +443,39 @@ def test_idx_errors_name_the_file(tmp_path):
     ip = tmp_path / "train-images-idx3-ubyte"
     raw = ip.read_bytes()
     ip.write_bytes(raw[:-10])
-    with pytest.raises(ValueError, match=f"{ip} is truncated or corrupt"): D.FashionMNIST(tmp_path)
+    with pytest.raises(ValueError, match=f"{ip} is truncated or corrupt"): R.FashionMNIST(tmp_path)
     ip.write_bytes(raw[:10])
-    with pytest.raises(ValueError, match="truncated inside its header"): D.read_idx(ip)
+    with pytest.raises(ValueError, match="truncated inside its header"): R.read_idx(ip)
     ip.write_bytes(b"\x12\x34" + raw[2:])
-    with pytest.raises(ValueError, match="not an IDX file"): D.read_idx(ip)
+    with pytest.raises(ValueError, match="not an IDX file"): R.read_idx(ip)
     ip.write_bytes(raw + b"\x00")
-    with pytest.raises(ValueError, match="truncated or corrupt"): D.read_idx(ip)
+    with pytest.raises(ValueError, match="truncated or corrupt"): R.read_idx(ip)
     gz = tmp_path / "x.gz"
     gz.write_bytes(gzip.compress(raw)[:-20])
-    with pytest.raises(ValueError, match=f"{gz} is corrupt or truncated"): D.read_idx(gz)
+    with pytest.raises(ValueError, match=f"{gz} is corrupt or truncated"): R.read_idx(gz)
 
 
 def test_fashion_mnist_inconsistent_files(tmp_path):
     imgs, labels = fake_fmnist(tmp_path, gz=False)
     write(tmp_path / "train-labels-idx1-ubyte", idx_bytes(labels[:5]))
-    with pytest.raises(ValueError, match="6 images but .* 5 labels"): D.FashionMNIST(tmp_path)
+    with pytest.raises(ValueError, match="6 images but .* 5 labels"): R.FashionMNIST(tmp_path)
     write(tmp_path / "train-labels-idx1-ubyte", idx_bytes(labels + 5))
-    with pytest.raises(ValueError, match="labels must be in 0..9"): D.FashionMNIST(tmp_path)
+    with pytest.raises(ValueError, match="labels must be in 0..9"): R.FashionMNIST(tmp_path)
     write(tmp_path / "train-labels-idx1-ubyte", idx_bytes(labels))
     write(tmp_path / "train-images-idx3-ubyte", idx_bytes(imgs[:, 0]))  # 2-D instead of 3-D
-    with pytest.raises(ValueError, match=r"expected uint8 images \(N, H, W\)"): D.FashionMNIST(tmp_path)
+    with pytest.raises(ValueError, match=r"expected uint8 images \(N, H, W\)"): R.FashionMNIST(tmp_path)
 
 
 def test_read_idx_types(tmp_path):
     p = write(tmp_path / "f", bytes([0, 0, 0x0D, 1]) + struct.pack(">I", 3) + struct.pack(">3f", 1.5, -2.0, 3.25))
-    assert D.read_idx(p).tolist() == [1.5, -2.0, 3.25]
+    assert R.read_idx(p).tolist() == [1.5, -2.0, 3.25]
     p = write(tmp_path / "s", bytes([0, 0, 0x0B, 2]) + struct.pack(">II", 1, 2) + struct.pack(">2h", -300, 7))
-    assert D.read_idx(p).tolist() == [[-300, 7]]
+    assert R.read_idx(p).tolist() == [[-300, 7]]
 
 
-@pytest.mark.skipif(not Path(D.FASHION_MNIST_ROOT).is_dir(), reason=f"Fashion-MNIST not installed in {D.FASHION_MNIST_ROOT} (Debian package dataset-fashion-mnist)")
+@pytest.mark.skipif(not Path(R.FASHION_MNIST_ROOT).is_dir(), reason=f"Fashion-MNIST not installed in {R.FASHION_MNIST_ROOT} (Debian package dataset-fashion-mnist)")
 def test_fashion_mnist_real_files():
-    ds = D.FashionMNIST(split="train")
+    ds = R.FashionMNIST(split="train")
     assert len(ds) == 60000 and ds.labels.bincount().tolist() == [6000] * 10
     image, mask, label = ds[0]
     assert image.shape == (3, 28, 28) and image.dtype == torch.uint8 and mask is None and 0 <= label < 10
@@ -520,13 +520,13 @@ def test_torchvision_arrays_wrapped(monkeypatch):
 def test_make_dataset_parsing(tmp_path, monkeypatch):
     monkeypatch.setenv("RELICV2_CACHE", str(tmp_path / "cache"))
     s = D.make_dataset("synthetic", "test_ood", image_size=16, n=10)
-    assert isinstance(s, D.SyntheticShapes) and s.params["size"] == 16 and s[0][0].shape == (3, 16, 16)
+    assert isinstance(s, S.SyntheticShapes) and s.params["size"] == 16 and s[0][0].shape == (3, 16, 16)
     fake_fmnist(tmp_path / "fm")
-    assert isinstance(D.make_dataset(f"fashion-mnist:{tmp_path / 'fm'}", "train"), D.FashionMNIST)
+    assert isinstance(D.make_dataset(f"fashion-mnist:{tmp_path / 'fm'}", "train"), R.FashionMNIST)
     root = tree(tmp_path)
     write(tmp_path / "m" / "train" / "a" / "0.png", png_bytes(torch.zeros(1, 12, 16, dtype=torch.uint8)))
     ds = D.make_dataset(f"imagefolder:{root},masks={tmp_path / 'm'},skip_corrupt=true,mask_threshold=127.5", "train", image_size=8)
-    assert isinstance(ds, D.ImageFolderMasked) and ds.n_masks == 1 and ds.skip_corrupt and ds.mask_threshold == 127.5
+    assert isinstance(ds, R.ImageFolderMasked) and ds.n_masks == 1 and ds.skip_corrupt and ds.mask_threshold == 127.5
     assert ds[0][0].shape == (3, 8, 8)
     assert D.dataset_splits(f"imagefolder:{root}") == ("train",)
     assert D.dataset_splits("synthetic") == ("train", "test", "test_ood")
@@ -582,3 +582,28 @@ def test_from_config_masks_source(tmp_path):
     for bad in ("deepusps", "deepusps:", "true", "Border"):
         with pytest.raises(ConfigError, match="data.masks"): update(preset("tiny"), {"data.masks": bad})
     assert update(preset("tiny"), {"data.masks": "deepusps:w.pt"}).data.masks == "deepusps:w.pt"
+
+
+# ------------------------------------------------------------------------------------------------ module layering
+@pytest.mark.parametrize("first", ["relicv2.synthetic", "relicv2.readers", "relicv2.data"])
+def test_modules_import_alone_and_data_keeps_the_moved_names(first):
+    "Each data module imports first in a fresh process (no import cycle); relicv2.data still offers every moved name."
+    import subprocess, sys
+    code = (f"import {first}, relicv2.data as D, importlib\n"
+            "bad = [n for m, ns in D._MOVED.items() for n in ns if getattr(D, n) is not getattr(importlib.import_module(m), n)]\n"
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_mask_count_of_every_kind_and_of_subsets(tmp_path):
+    "mask_count reads `n_masks` (and `has_mask` for a Subset of a dataset where only some images have a mask)."
+    root = tree(tmp_path, n_per_class=2)
+    write(tmp_path / "m" / "train" / "a" / "1.png", png_bytes(torch.zeros(1, 12, 16, dtype=torch.uint8)))
+    ds = R.ImageFolderMasked(root, "train", masks_root=tmp_path / "m")
+    assert D.mask_count(ds) == ds.n_masks == 1 and ds.has_mask.tolist() == [False, True, False, False]
+    assert D.mask_count(torch.utils.data.Subset(ds, [1, 2])) == 1 and D.mask_count(torch.utils.data.Subset(ds, [0, 3])) == 0
+    ti = D.TensorImages(torch.zeros(4, 3, 4, 4, dtype=torch.uint8), torch.zeros(4), masks=torch.zeros(4, 1, 4, 4, dtype=torch.uint8))
+    assert D.mask_count(ti) == 4 and D.mask_count(torch.utils.data.Subset(ti, [0, 2])) == 2
+    plain = D.TensorImages(ti.images, ti.labels)
+    assert D.mask_count(plain) == 0 and D.mask_count(torch.utils.data.Subset(plain, [1])) == 0
+    assert D.mask_count([1, 2]) is None and D.mask_count(torch.utils.data.Subset(torch.utils.data.Subset(ti, [0, 1]), [0])) is None
