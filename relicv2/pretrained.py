@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 
 from .config import CONVERT_FORMATS, atomic_write
@@ -211,7 +212,7 @@ def convert_params(params: dict,  # Haiku parameters {module path: {name: array}
         if t is None: raise ConversionError(f"{source}: {prefix}{module} is not a module of a ResNet")
         for name, a in arrays.items():
             a = _strip(a, lead, f"{source}: {prefix}{module}/{name}")
-            if name == "w" and a.ndim == 4: sd[f"{t}.weight"] = _tensor(a.transpose(3, 2, 0, 1))
+            if name == "w" and a.ndim == 4: sd[f"{t}.weight"] = _tensor(rearrange(a, "h w i o -> o i h w"))
             elif name in ("scale", "offset"): sd[f"{t}.{'weight' if name == 'scale' else 'bias'}"] = _tensor(a.reshape(-1))
             else: raise ConversionError(f"{source}: unexpected parameter {prefix}{module}/{name} of shape {a.shape}")
     for module, arrays in s.items():
@@ -253,7 +254,7 @@ def to_haiku(encoder: nn.Module,  # our ResNet or a torchvision ResNet
     for name, m in encoder.named_modules():
         hk = haiku_name(name)
         if hk is None: continue
-        if isinstance(m, nn.Conv2d): params[prefix + hk] = {"w": m.weight.detach().permute(2, 3, 1, 0).numpy().copy()}
+        if isinstance(m, nn.Conv2d): params[prefix + hk] = {"w": rearrange(m.weight.detach(), "o i h w -> h w i o").numpy().copy()}
         elif isinstance(m, nn.BatchNorm2d):
             as_hk = lambda t: t.detach().reshape(1, 1, 1, -1).numpy().copy()
             params[prefix + hk] = {"scale": as_hk(m.weight), "offset": as_hk(m.bias)}

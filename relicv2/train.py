@@ -37,8 +37,8 @@ from .progress import Progress, ProgressArg, announce
 from .views import ViewGenerator
 
 # %% auto #0
-__all__ = ['TrainingDiverged', 'non_finite', 'RunResult', 'RunInterrupted', 'StopSignals', 'stop_requested', 'StepParts',
-           'build_step', 'train_step', 'training_set', 'make_loader', 'batches_from', 'resume_state',
+__all__ = ['MONITOR_SEED', 'TrainingDiverged', 'non_finite', 'RunResult', 'RunInterrupted', 'StopSignals', 'stop_requested',
+           'StepParts', 'build_step', 'train_step', 'training_set', 'make_loader', 'batches_from', 'resume_state',
            'write_checkpoint', 'StepLog', 'fit', 'monitor']
 
 # %% ../nbs/09_train.ipynb #be5d9234
@@ -396,19 +396,25 @@ def fit(cfg: RunConfig,  # the whole run, e.g. `preset("demo")`
 
 
 # %% ../nbs/09_train.ipynb #526db87f
+MONITOR_SEED = 0  # the monitor's images: one seeded draw, the same for every run and seed, so that curves compare
+
+def _drawn(n_items: int, n: int, salt: int = 0) -> list[int]:
+    "`n` of `n_items` indexes drawn by `MONITOR_SEED` (+ salt): spread over the classes whatever order the items are in."
+    return torch.randperm(n_items, generator=torch.Generator().manual_seed(MONITOR_SEED + salt))[:n].tolist()
+
 def monitor(encoder: torch.nn.Module, cfg: RunConfig, device, n_train: int = 2000, n_test: int = 1000) -> dict:
-    "kNN top-1 (%) of `encoder` on a held-out split (or, without one, a held-out slice of train), fitted on training images."
+    "kNN top-1 (%) of `encoder` on drawn images of a held-out split (without one, of train), fitted on drawn training images."
     from relicv2.evaluate import extract_features, knn_classify
     splits = [s for s in rdata.dataset_splits(cfg.data.dataset) if s != "train"]
     train_all = rdata.from_config(cfg.data, "train", masks=False)  # the monitor never reads masks
-    if splits:
-        held_out = splits[0]
-        train_set = torch.utils.data.Subset(train_all, range(min(n_train, len(train_all))))
-        test_set = rdata.from_config(cfg.data, held_out, masks=False)
-        test_set = torch.utils.data.Subset(test_set, range(min(n_test, len(test_set))))
+    if splits:  # a validation split where there is one (the final evaluation reports the others too)
+        held_out = next((s for s in splits if s in ("val", "valid", "validation")), splits[0])
+        test_all = rdata.from_config(cfg.data, held_out, masks=False)
+        train_set = torch.utils.data.Subset(train_all, _drawn(len(train_all), n_train))
+        test_set = torch.utils.data.Subset(test_all, _drawn(len(test_all), n_test, salt=1))
     else:  # a train-only dataset: score on training images the kNN does not see, the same ones at every step
         held_out = "train (held-out slice)"
-        order = torch.randperm(len(train_all), generator=torch.Generator().manual_seed(cfg.train.seed)).tolist()
+        order = _drawn(len(train_all), len(train_all))
         n_fit = min(n_train, len(order) // 2)
         train_set = torch.utils.data.Subset(train_all, order[:n_fit])
         test_set = torch.utils.data.Subset(train_all, order[n_fit:n_fit + n_test])

@@ -191,6 +191,32 @@ def test_train_subset_budgets_the_pretraining_set(tmp_path, monkeypatch):
     assert len(idx) == 32 and len({ds.samples[i][1] for i in idx}) == 2  # drawn across classes, not the first 32
 
 
+def test_monitor_draws_across_classes_and_prefers_a_val_split(tmp_path, monkeypatch):
+    "The kNN monitor's images come from every class of a class-sorted folder, and it scores on `val` where one exists."
+    from torchvision.io import encode_png
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 30), ("val", 12), ("test", 12)):
+        for c in ("a", "b", "c"):  # listed class by class: the first images of each split are all of class a
+            for i in range(n):
+                p = tmp_path / "tree" / split / c / f"{i}.png"; p.parent.mkdir(parents=True, exist_ok=True)
+                p.write_bytes(encode_png(torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8, generator=g)).numpy().tobytes())
+    seen = {}
+    real = train.rdata.from_config
+    def recording(data_cfg, split, **kw):
+        ds = real(data_cfg, split, **kw); seen[split] = ds; return ds
+    monkeypatch.setattr(train.rdata, "from_config", recording)
+    scored = []
+    import relicv2.evaluate as ev
+    real_extract = ev.extract_features
+    def extract(encoder, ds, **kw):
+        scored.append({ds.dataset.samples[i][1] for i in ds.indices}); return real_extract(encoder, ds, **kw)
+    monkeypatch.setattr(ev, "extract_features", extract)
+    cfg = tiny(tmp_path / "run", **{"data.dataset": f"imagefolder:{tmp_path / 'tree'}"})
+    out = train.monitor(torch.nn.Sequential(torch.nn.Flatten()), cfg, torch.device("cpu"), n_train=20, n_test=10)
+    assert out["monitor_split"] == "val" and "test" not in seen
+    assert scored == [{0, 1, 2}, {0, 1, 2}]  # the first 20 training / 10 val images would be class a alone
+
+
 def test_bf16_autocast_with_channels_last_on_cpu(tmp_path):
     res = fit(tiny(tmp_path / "run", **{"train.precision": "bf16", "encoder.channels_last": True}), max_steps=2, progress=False)
     assert res.steps == 2 and torch.isfinite(torch.tensor(res.final_loss))
