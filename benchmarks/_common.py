@@ -172,7 +172,7 @@ class ReLICv2Step:
         env = DistEnv(rank=rank, world_size=world_size, local_rank=rank, device=device)
         parts = build_step(cfg, env, 0, total_steps)
         self.parts = dataclasses.replace(parts, lrs=lr_schedule(cfg.optim.base_lr, B, total_steps, total_steps),
-                                         taus=momentum_schedule(total_steps, cfg.target.tau_base))
+                                         momenta=momentum_schedule(total_steps, cfg.target.tau_base))
         self.online, self.target = self.parts.online, self.parts.target
         self.online.train(); self.target.train()
         self.step = 0

@@ -129,7 +129,7 @@ class StepParts:
     optimizer: torch.optim.Optimizer
     scaler: Optional[torch.amp.GradScaler]  # fp16 only
     lrs: torch.Tensor  # (K,) learning rate of every step
-    taus: torch.Tensor  # (K,) EMA momentum of every step
+    momenta: torch.Tensor  # (K,) EMA momentum of every step
     gens: dict  # this process's 'views' and 'loss' generators
     b: int  # this process's share of the batch
 
@@ -196,7 +196,7 @@ def train_step(p: StepParts,  # from `build_step`
         p.scaler.scale(loss).backward(); mark("backward"); p.scaler.step(p.optimizer); p.scaler.update()
     mark("optimizer")
     if p.target is not None:  # the target follows the online encoder and projector (never the predictor)
-        update_target(p.target, p.online.without_predictor(), p.taus[step])
+        update_target(p.target, p.online.without_predictor(), p.momenta[step])
     mark("ema")
     return check, terms, v.masked
 
@@ -320,7 +320,7 @@ class StepLog:
         n = tc.log_every if step % tc.log_every == 0 else step % tc.log_every  # steps in this interval
         extra = {"masked_views": float(self.masked) / (n * self.p.b * self.p.cfg.views.n_large)} if self.masks else {}
         self.log.write(step=step, epoch=epoch, loss=loss, **{k: float(x) for k, x in terms.items()},
-                       lr=float(self.p.lrs[step - 1]), ema=float(self.p.taus[step - 1]), images_per_s=n * tc.batch_size / dt,
+                       lr=float(self.p.lrs[step - 1]), ema=float(self.p.momenta[step - 1]), images_per_s=n * tc.batch_size / dt,
                        data_wait=min(self.wait / dt, 1.0), **extra)
         self.masked, self.wait = 0, 0.0
 
@@ -354,7 +354,7 @@ def fit(cfg: RunConfig,  # the whole run, e.g. `preset("demo")`
     if main: remove_stale_temporaries(run_dir)  # half-written checkpoints of a killed run: never resumed from
     step, ckpt = resume_state(p, run_dir, resume)
     log = MetricsLog(run_dir / "metrics.jsonl", resume_step=step, enabled=main, tensorboard=tc.tensorboard)
-    init_share = target_init_share(p.taus) if p.target is not None else None  # under 1% is what a short run wants
+    init_share = target_init_share(p.momenta) if p.target is not None else None  # under 1% is what a short run wants
     if main:
         save_config(cfg, run_dir / "config.yaml")
         if step == 0:
