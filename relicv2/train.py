@@ -158,6 +158,7 @@ def build_step(cfg: RunConfig,  # the run
                      momentum_schedule(tc.epochs * steps_per_epoch, cfg.target.tau_base),
                      make_generators(tc.seed, env.rank, dev), tc.batch_size // env.world_size)
 
+# %% ../nbs/09_train.ipynb #9a00000c
 def _no_mark(name: str) -> None: pass
 
 def train_step(p: StepParts,  # from `build_step`
