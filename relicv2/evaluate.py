@@ -12,14 +12,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from . import data as _data  # module attributes, looked up when called
 from .data import collate, dataset_splits, from_config as dataset_from_config
 from .probes import _check_int, _hits, _percent, _rank
 from .probes import LBFGS_DECAYS, knn_classify, lbfgs_probe, linear_probe  # moved to relicv2.probes; the old import path keeps working
 from .progress import ProgressArg, announce, track
 
 # %% auto #0
-__all__ = ['BASELINES', 'extract_features', 'evaluate', 'format_table', 'evaluate_from_config', 'PixelEncoder', 'initial_encoder',
-           'baseline_encoder', 'recalibrate_bn']
+__all__ = ['BASELINES', 'MONITOR_SEED', 'extract_features', 'evaluate', 'format_table', 'evaluate_from_config', 'PixelEncoder',
+           'initial_encoder', 'baseline_encoder', 'recalibrate_bn', 'monitor']
 
 # %% ../nbs/10_eval.ipynb #a623e6e0
 def _device_of(module: nn.Module, device) -> torch.device:
@@ -222,6 +223,37 @@ def recalibrate_bn(encoder: nn.Module,  # the frozen encoder (not modified)
     for batch in loader: enc(_to_input(batch.images.to(dev), image_size))
     for m, mom in zip(bns, momenta): m.momentum = mom
     return enc.eval()
+
+# %% ../nbs/10_eval.ipynb #526db87f
+MONITOR_SEED = 0  # the monitor's images: one seeded draw, the same for every run and seed, so that curves compare
+
+def _drawn(n_items: int, n: int, salt: int = 0) -> list[int]:
+    "`n` of `n_items` indexes drawn by `MONITOR_SEED` (+ salt): spread over the classes whatever order the items are in."
+    return torch.randperm(n_items, generator=torch.Generator().manual_seed(MONITOR_SEED + salt))[:n].tolist()
+
+def monitor(encoder: torch.nn.Module,  # the online encoder, images in [0, 1] -> (B, D)
+            cfg,  # the run's `RunConfig`: its dataset, view size and kNN settings
+            device,  # where the features are computed
+            n_train: int = 2000, n_test: int = 1000,  # images the kNN is fitted on / scored on
+           ) -> dict:  # {'knn_top1': %, 'monitor_split': where it was scored}
+    "kNN top-1 (%) of `encoder` on drawn images of a held-out split (without one, of train), fitted on drawn training images."
+    splits = [s for s in _data.dataset_splits(cfg.data.dataset) if s != "train"]
+    train_all = _data.from_config(cfg.data, "train", masks=False)  # the monitor never reads masks
+    if splits:  # a validation split where there is one (the final evaluation reports the others too)
+        held_out = next((s for s in splits if s in ("val", "valid", "validation")), splits[0])
+        test_all = _data.from_config(cfg.data, held_out, masks=False)
+        train_set = torch.utils.data.Subset(train_all, _drawn(len(train_all), n_train))
+        test_set = torch.utils.data.Subset(test_all, _drawn(len(test_all), n_test, salt=1))
+    else:  # a train-only dataset: score on training images the kNN does not see, the same ones at every step
+        held_out = "train (held-out slice)"
+        order = _drawn(len(train_all), len(train_all))
+        n_fit = min(n_train, len(order) // 2)
+        train_set = torch.utils.data.Subset(train_all, order[:n_fit])
+        test_set = torch.utils.data.Subset(train_all, order[n_fit:n_fit + n_test])
+    ftr, ytr = extract_features(encoder, train_set, image_size=cfg.views.large_size, device=device)
+    fte, yte = extract_features(encoder, test_set, image_size=cfg.views.large_size, device=device)
+    return {"knn_top1": knn_classify(ftr, ytr, fte, yte, k=min(cfg.eval.knn_k, len(ytr)), temperature=cfg.eval.knn_temperature)["top1"],
+            "monitor_split": held_out}
 
 # %% ../nbs/10_eval.ipynb #9685a89e
 _MOVED = ("AUGMENTED_SCALE", "CENTRE_CROP", "RandomCrops", "CentreCrops", "PROBE_FORMAT", "encoder_fingerprint", "augmented_linear_eval")

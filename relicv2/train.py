@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from .config import RunConfig, save_config, to_dict
+from .evaluate import monitor  # the kNN learning curve (10_eval)
 from . import data as rdata
 from .checkpoint import (CheckpointError, ResumableSampler, check_resumable, list_checkpoints,
                                 load_checkpoint, make_generators, remove_stale_temporaries, rng_state, save_checkpoint,
@@ -37,9 +38,9 @@ from .progress import Progress, ProgressArg, announce
 from .views import ViewGenerator
 
 # %% auto #0
-__all__ = ['MONITOR_SEED', 'TrainingDiverged', 'non_finite', 'RunResult', 'RunInterrupted', 'StopSignals', 'stop_requested',
-           'StepParts', 'build_step', 'train_step', 'training_set', 'make_loader', 'batches_from', 'resume_state',
-           'write_checkpoint', 'StepLog', 'fit', 'monitor']
+__all__ = ['TrainingDiverged', 'non_finite', 'RunResult', 'RunInterrupted', 'StopSignals', 'stop_requested', 'StepParts',
+           'build_step', 'train_step', 'training_set', 'make_loader', 'batches_from', 'resume_state',
+           'write_checkpoint', 'StepLog', 'fit']
 
 # %% ../nbs/09_train.ipynb #be5d9234
 class TrainingDiverged(RuntimeError):
@@ -395,31 +396,3 @@ def fit(cfg: RunConfig,  # the whole run, e.g. `preset("demo")`
         plot_metrics(run_dir / "metrics.jsonl", run_dir / "loss.png", title=f"{cfg.loss.objective} on {cfg.data.dataset}")
     return RunResult(run_dir, step, loss, ckpt, init_share, p.online)
 
-
-# %% ../nbs/09_train.ipynb #526db87f
-MONITOR_SEED = 0  # the monitor's images: one seeded draw, the same for every run and seed, so that curves compare
-
-def _drawn(n_items: int, n: int, salt: int = 0) -> list[int]:
-    "`n` of `n_items` indexes drawn by `MONITOR_SEED` (+ salt): spread over the classes whatever order the items are in."
-    return torch.randperm(n_items, generator=torch.Generator().manual_seed(MONITOR_SEED + salt))[:n].tolist()
-
-def monitor(encoder: torch.nn.Module, cfg: RunConfig, device, n_train: int = 2000, n_test: int = 1000) -> dict:
-    "kNN top-1 (%) of `encoder` on drawn images of a held-out split (without one, of train), fitted on drawn training images."
-    from relicv2.evaluate import extract_features, knn_classify
-    splits = [s for s in rdata.dataset_splits(cfg.data.dataset) if s != "train"]
-    train_all = rdata.from_config(cfg.data, "train", masks=False)  # the monitor never reads masks
-    if splits:  # a validation split where there is one (the final evaluation reports the others too)
-        held_out = next((s for s in splits if s in ("val", "valid", "validation")), splits[0])
-        test_all = rdata.from_config(cfg.data, held_out, masks=False)
-        train_set = torch.utils.data.Subset(train_all, _drawn(len(train_all), n_train))
-        test_set = torch.utils.data.Subset(test_all, _drawn(len(test_all), n_test, salt=1))
-    else:  # a train-only dataset: score on training images the kNN does not see, the same ones at every step
-        held_out = "train (held-out slice)"
-        order = _drawn(len(train_all), len(train_all))
-        n_fit = min(n_train, len(order) // 2)
-        train_set = torch.utils.data.Subset(train_all, order[:n_fit])
-        test_set = torch.utils.data.Subset(train_all, order[n_fit:n_fit + n_test])
-    ftr, ytr = extract_features(encoder, train_set, image_size=cfg.views.large_size, device=device)
-    fte, yte = extract_features(encoder, test_set, image_size=cfg.views.large_size, device=device)
-    return {"knn_top1": knn_classify(ftr, ytr, fte, yte, k=min(cfg.eval.knn_k, len(ytr)), temperature=cfg.eval.knn_temperature)["top1"],
-            "monitor_split": held_out}
