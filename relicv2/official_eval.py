@@ -40,9 +40,6 @@ def _crop_uint8(image: Tensor,  # (C, H, W) uint8
     out = resized_crop(image[None].float(), box[None].float(), torch.tensor([flip]), size)[0]
     return out.round_().clamp_(0, 255).to(torch.uint8)
 
-def _check_side(size):
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1: raise ValueError(f"size must be an int >= 1, got {size!r}")
-
 # %% ../nbs/10b_official_eval.ipynb #73395b15
 class RandomCrops(Dataset):
     "Each item of `dataset` as a random resized crop, mirrored half the time, bicubic to `size`: the official probe's training images."
