@@ -18,10 +18,10 @@ from typing import Any, Literal, Optional
 from .files import ConfigError, atomic_write, read_file  # the ground floor (00b_files); also importable from here
 
 # %% auto #0
-__all__ = ['Pair', 'SALIENCY_METHODS', 'RANGES', 'RENAMED', 'SHORT_RUN', 'PRESETS', 'MAIN_PRESET', 'CONVERT_FORMATS',
-           'DataConfig', 'ViewsConfig', 'EncoderConfig', 'HeadConfig', 'LossConfig', 'TargetConfig', 'OptimConfig',
-           'TrainConfig', 'EvalConfig', 'RunConfig', 'coerce', 'check_range', 'update', 'to_dict', 'preset',
-           'parse_set', 'load_config', 'save_config']
+__all__ = ['Pair', 'SALIENCY_METHODS', 'EVAL_SUITES', 'RANGES', 'RENAMED', 'SHORT_RUN', 'PRESETS', 'MAIN_PRESET',
+           'CONVERT_FORMATS', 'DataConfig', 'ViewsConfig', 'EncoderConfig', 'HeadConfig', 'LossConfig', 'TargetConfig',
+           'OptimConfig', 'TrainConfig', 'EvalConfig', 'RunConfig', 'coerce', 'check_range', 'update', 'to_dict',
+           'preset', 'parse_set', 'load_config', 'save_config']
 
 # %% ../nbs/00_config.ipynb #cb0670b3
 @dataclass
@@ -36,7 +36,9 @@ class DataConfig:
     spurious_correlation: float = 0.9  # [R] P(background family matches the class) in the generated train and test splits
     train_subset: Optional[int] = None  # pretrain on the first N training images only (budgeted runs); None = all
     masks: str = "dataset"  # [R] the large views' saliency masks: `dataset` (its own; exact for generated data), `none`,
-                            # a classical method (`border`...) or `deepusps:WEIGHTS` (trained by relicv2-saliency --train-on)
+                            # a classical method (`border`...), `deepusps:WEIGHTS` (trained by relicv2-saliency --train-on),
+                            # or a control of the dataset's masks: `wrong` (same area, away from the object), `degraded:IOU`
+    classes: Optional[str] = None  # keep only these classes in every split ('0-4', '5,6,7,8,9'; class-transfer experiments); None = all
 
 # %% ../nbs/00_config.ipynb #4a618c81
 Pair = tuple[float, float]
@@ -88,7 +90,7 @@ class HeadConfig:
 @dataclass
 class LossConfig:
     "The objective: ReLICv2 (contrastive + KL invariance), or a baseline through the same code."
-    objective: Literal["relicv2", "infonce", "byol", "supervised"] = "relicv2"  # [P] relicv2; the others are baselines (supervised: cross-entropy on labels)
+    objective: Literal["relicv2", "infonce", "byol", "simclr", "supervised"] = "relicv2"  # [P] relicv2; the others are baselines (infonce: relicv2 with alpha = 0; simclr: online-online, no target; supervised: cross-entropy on labels)
     tau: float = 0.2  # [R, verify] temperature of the similarity softmax
     alpha: float = 1.0  # [R, verify] weight of the KL invariance term
     n_negatives: Optional[int] = 10  # [R] n_e negatives sampled per image; None = all others in the batch
@@ -131,6 +133,7 @@ class TrainConfig:
     log_every: int = 10  # steps between metric lines
     monitor_steps: int = 500  # steps between online kNN monitor evaluations, also at the first and last step (0 = off)
     tensorboard: bool = False  # also log metrics for TensorBoard (needs the tensorboard package)
+    trace_terms: bool = False  # at each logged step, also log each loss term's gradient norm at the encoder (extra backward passes)
 
 @dataclass
 class EvalConfig:
@@ -144,6 +147,7 @@ class EvalConfig:
     bn_recalibrate: int = 0  # [R] re-estimate BN statistics on this many whole training images before evaluating (0 = off)
     knn_k: int = 20  # [R] neighbours (common practice: 20 or 200)
     knn_temperature: float = 0.07  # [R] as in InstDisc / DINO's kNN
+    suites: str = ""  # further evaluations of the frozen encoder, comma-separated names of EVAL_SUITES ('' = none)
 
 # %% ../nbs/00_config.ipynb #851ccd3f
 @dataclass
@@ -230,12 +234,23 @@ _AREA = (lambda v: 0.0 < v[0] <= v[1] <= 1.0), "a pair lo,hi with 0 < lo <= hi <
 _POS_PAIR = (lambda v: 0.0 < v[0] <= v[1] < math.inf), "a pair lo,hi with 0 < lo <= hi"
 _OPT_GE1 = (lambda v: v is None or v >= 1), "none or an int >= 1"
 SALIENCY_METHODS = ("spectral", "frequency", "border", "fusion", "deepusps")  # relicv2.saliency.METHODS, each explained there
-_MASKS = ((lambda v: v in ("dataset", "none") or v in SALIENCY_METHODS[:-1] or (v.startswith("deepusps:") and len(v) > 9)),
-          "'dataset', 'none', a classical saliency method (spectral, frequency, border, fusion) or deepusps:WEIGHTS")
+def _degraded(v: str) -> bool:
+    try: return v.startswith("degraded:") and 0.0 < float(v[9:]) < 1.0
+    except ValueError: return False
+_MASKS = ((lambda v: v in ("dataset", "none", "wrong") or v in SALIENCY_METHODS[:-1] or (v.startswith("deepusps:") and len(v) > 9)
+           or _degraded(v)),
+          "'dataset', 'none', a classical saliency method (spectral, frequency, border, fusion), deepusps:WEIGHTS, "
+          "'wrong' or degraded:IOU with 0 < IOU < 1")
+EVAL_SUITES = ("robustness", "low_label", "dense")  # what eval.suites may name (10c_robustness, 10d_low_label, 10e_dense)
+_CLASSES = ((lambda v: v is None or (v != "" and all(p.strip().isdigit() or (p.count("-") == 1 and all(q.strip().isdigit() for q in p.split("-")))
+                                                      for p in v.split(",")))),
+            "none, or class indexes and ranges like '0-4' or '0,2,5-7'")
+_SUITES = ((lambda v: all(s.strip() in EVAL_SUITES for s in v.split(",")) if v else True),
+           f"'' or comma-separated names of {', '.join(EVAL_SUITES)}")
 
 RANGES = {  # field -> (accepts(value), what it accepts); every float must also be finite
     "data.image_size": _ge(1), "data.num_workers": _ge(0), "data.synthetic_size": _ge(8), "data.synthetic_train": _ge(1),
-    "data.spurious_correlation": _PROB, "data.train_subset": _OPT_GE1, "data.masks": _MASKS,
+    "data.spurious_correlation": _PROB, "data.train_subset": _OPT_GE1, "data.masks": _MASKS, "data.classes": _CLASSES,
     "views.n_large": _ge(1), "views.n_small": _ge(0), "views.large_size": _ge(2), "views.small_size": _ge(2),
     "views.large_scale": _AREA, "views.small_scale": _AREA, "views.ratio": _POS_PAIR, "views.flip_prob": _PROB,
     "views.jitter_prob": _PROB, "views.brightness": _PROB, "views.contrast": _PROB, "views.saturation": _PROB,
@@ -254,6 +269,7 @@ RANGES = {  # field -> (accepts(value), what it accepts); every float must also 
     "train.keep_last": _ge(1), "train.log_every": _ge(1), "train.monitor_steps": _ge(0),
     "eval.linear_epochs": _ge(1), "eval.linear_batch_size": _ge(1), "eval.linear_base_lr": _between(0.0, 100.0),
     "eval.bn_recalibrate": _ge(0), "eval.crop_fraction": ((lambda v: 0 < v <= 1), "in (0, 1]"), "eval.knn_k": _ge(1), "eval.knn_temperature": _between(1e-3, 100.0),
+    "eval.suites": _SUITES,
 }
 
 def check_range(name: str,  # `section.field`
