@@ -241,7 +241,7 @@ _MASKS = ((lambda v: v in ("dataset", "none", "wrong") or v in SALIENCY_METHODS[
            or _degraded(v)),
           "'dataset', 'none', a classical saliency method (spectral, frequency, border, fusion), deepusps:WEIGHTS, "
           "'wrong' or degraded:IOU with 0 < IOU < 1")
-EVAL_SUITES = ("robustness", "low_label", "dense")  # what eval.suites may name (10c_robustness, 10d_low_label, 10e_dense)
+EVAL_SUITES = ("robustness", "low_label", "transfer", "dense")  # what eval.suites may name (10c_robustness, 10d_low_label, 10e_dense)
 _CLASSES = ((lambda v: v is None or (v != "" and all(p.strip().isdigit() or (p.count("-") == 1 and all(q.strip().isdigit() for q in p.split("-")))
                                                       for p in v.split(",")))),
             "none, or class indexes and ranges like '0-4' or '0,2,5-7'")
