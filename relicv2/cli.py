@@ -101,7 +101,7 @@ def evaluate_run(cfg: RunConfig,  # the run's config: data, evaluation settings,
                  progress: ProgressArg = False,  # as in `fit`
                  baselines: bool = True,  # evaluate raw pixels and the random-init encoder first (the floor)
                  name: str = "trained",  # the encoder's row in the table
-                 splits: Optional[tuple[str, ...]] = None,  # test splits (default: every split but train)
+                 splits: Optional[tuple[str, ...]] = None,  # held-out splits (default: the validation splits)
                  state_dir: str | Path | None = None,  # eval.protocol 'augmented': keep each row's probe under DIR/<row> (resume)
                 ) -> dict:
     "kNN and linear accuracy of `encoder`, after the raw-pixel and random-init baselines: {row: {split: metrics}}."
@@ -249,7 +249,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", nargs="?", default=None, help="a run directory written by relicv2-train")
     parser.add_argument("--weights", default=None, metavar="FILE", help="instead of a run: encoder.pt, encoder_torchvision.pt (or any torchvision ResNet state dict), "
                         "or what relicv2-convert wrote")
-    parser.add_argument("--splits", default=None, metavar="A,B", help="test splits (default: every split but train)")
+    parser.add_argument("--splits", default=None, metavar="A,B", help="held-out splits to read (default: the validation splits; test splits only when named)")
     parser.add_argument("--no-baselines", action="store_true", help="skip the raw-pixel and random-init rows")
     parser.add_argument("--official", nargs=0, action=_Official, help="the official linear evaluation: " + ", ".join(OFFICIAL_EVAL)
                         + " (a --set still overrides any of them)")

@@ -121,7 +121,10 @@ def dataset_splits(name: str) -> tuple:
     "The splits `make_dataset` accepts for dataset `name` (for `imagefolder`: the sub-folders of its root)."
     from relicv2 import readers, synthetic  # imported here: both build on this module
     scheme, path, _ = _parse(name)
-    if scheme in ("synthetic", "spurious"): return synthetic.SPLITS  # the same three splits
+    if scheme == "synthetic": return synthetic.SPLITS
+    if scheme == "spurious":
+        from relicv2.spurious import SPLITS  # imported here: relicv2.spurious builds on this module
+        return SPLITS
     if scheme == "fashion-mnist": return readers.FashionMNIST.splits
     if scheme == "imagefolder": return tuple(readers._subdirs(Path(path))) if Path(path).is_dir() else ()
     return readers._TV[scheme][2]

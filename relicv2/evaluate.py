@@ -19,8 +19,8 @@ from .probes import LBFGS_DECAYS, knn_classify, lbfgs_probe, linear_probe  # mov
 from .progress import ProgressArg, announce, track
 
 # %% auto #0
-__all__ = ['BASELINES', 'MONITOR_SEED', 'extract_features', 'evaluate', 'format_table', 'evaluate_from_config', 'PixelEncoder',
-           'initial_encoder', 'baseline_encoder', 'recalibrate_bn', 'monitor']
+__all__ = ['BASELINES', 'MONITOR_SEED', 'extract_features', 'evaluate', 'format_table', 'held_out_splits', 'evaluate_from_config',
+           'PixelEncoder', 'initial_encoder', 'baseline_encoder', 'recalibrate_bn', 'monitor']
 
 # %% ../nbs/10_eval.ipynb #a623e6e0
 def _device_of(module: nn.Module, device) -> torch.device:
@@ -143,10 +143,17 @@ def format_table(results: dict[str, dict[str, dict]],  # {row name: {split: {met
     return "\n".join(line.rstrip() for line in [top] + lines)
 
 # %% ../nbs/10_eval.ipynb #314df0bb
+def held_out_splits(dataset: str,  # a `data.dataset` name
+                   ) -> tuple[tuple[str, ...], bool]:  # the default splits, and whether they are test splits (no validation split)
+    "The splits an evaluation reads unless told: the validation splits, or the test splits of a dataset that has none."
+    others = [s for s in dataset_splits(dataset) if s != "train"]
+    val = tuple(s for s in others if not s.startswith("test"))
+    return (val, False) if val else (tuple(others), True)
+
 def evaluate_from_config(encoder: nn.Module,  # the frozen encoder
                          cfg,  # a `relicv2.config.RunConfig`
                          *,
-                         splits: Optional[tuple] = None,  # test splits; None: every split of the dataset but 'train'
+                         splits: Optional[tuple] = None,  # held-out splits to read; None: `held_out_splits` (validation splits)
                          device=None,  # where the encoder runs; None: its parameters' device
                          progress: ProgressArg = False,  # see `relicv2.progress.progress_mode`
                          name: str = "encoder",  # what is evaluated, named in the progress output
@@ -156,7 +163,10 @@ def evaluate_from_config(encoder: nn.Module,  # the frozen encoder
     "`evaluate` (or, with eval.protocol 'augmented', `augmented_linear_eval`) with the datasets, image size and settings of a run config."
     available = dataset_splits(cfg.data.dataset)
     if "train" not in available: raise ValueError(f"data.dataset {cfg.data.dataset!r} has no 'train' split (splits: {', '.join(available) or 'none'})")
-    splits = tuple(s for s in available if s != "train") if splits is None else tuple(splits)
+    if splits is None:
+        splits, are_test = held_out_splits(cfg.data.dataset)
+        if are_test: announce(f"{name}: {cfg.data.dataset.partition(':')[0]} has no validation split; reading {', '.join(splits)}", progress)
+    splits = tuple(splits)
     if not splits or any(s not in available for s in splits):
         raise ValueError(f"splits must be a non-empty subset of {', '.join(s for s in available if s != 'train')}, got {splits!r}")
     e = cfg.eval

@@ -23,8 +23,9 @@ from torch.utils.data import Dataset
 from .data import TensorImages, resize_center_crop
 
 # %% auto #0
-__all__ = ['FASHION_MNIST_ROOT', 'FASHION_MNIST_CLASSES', 'IMG_EXTENSIONS', 'read_idx', 'FashionMNIST', 'CorruptImageError',
-           'read_mask', 'scan_image_folder', 'ImageFolderMasked', 'torchvision_dataset']
+__all__ = ['FASHION_MNIST_ROOT', 'FASHION_MNIST_CLASSES', 'VAL_SEED', 'VAL_ONE_IN', 'IMG_EXTENSIONS', 'read_idx', 'val_indices',
+           'FashionMNIST', 'CorruptImageError', 'read_mask', 'scan_image_folder', 'ImageFolderMasked',
+           'torchvision_dataset']
 
 # %% ../nbs/01c_readers.ipynb #cc7ee4e3
 _IDX_TYPES = {0x08: torch.uint8, 0x09: torch.int8, 0x0B: torch.int16, 0x0C: torch.int32, 0x0D: torch.float32, 0x0E: torch.float64}
@@ -60,26 +61,42 @@ def _idx_file(root: Path, stem: str) -> Path:
                             "package or put the four IDX files from https://github.com/zalandoresearch/fashion-mnist there")
 
 # %% ../nbs/01c_readers.ipynb #8df123f8
+VAL_SEED, VAL_ONE_IN = 2026_12_07, 6  # the validation split: one training image in six of each class (1000 of 6000), drawn once
+
+def val_indices(labels: Tensor,  # (N,) int64 labels of the original training file
+                one_in: int = VAL_ONE_IN,  # hold out len(class) // one_in images of each class
+                seed: int = VAL_SEED,
+               ) -> Tensor:  # sorted indexes into the training file
+    "The training images held out as the validation split: a share of each class, drawn by a fixed seed."
+    g = torch.Generator().manual_seed(seed)
+    picks = [(labels == k).nonzero()[:, 0] for k in labels.unique().tolist()]
+    return torch.cat([p[torch.randperm(len(p), generator=g)[:len(p) // one_in]] for p in picks]).sort().values
+
 class FashionMNIST(TensorImages):
     "Fashion-MNIST read from its four IDX files; 28 px grayscale, repeated to RGB; no masks."
-    splits = ("train", "test")
+    splits = ("train", "val", "test")
 
     def __init__(self,
                  root=FASHION_MNIST_ROOT,  # folder holding {train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]
-                 split: str = "train",  # 'train' (60000 images) or 'test' (10000)
+                 split: str = "train",  # 'train' (50000 images), 'val' (10000 held out of the training file) or 'test' (10000)
                  image_size: Optional[int] = None,  # resize items to this side (None: 28 px)
                 ):
-        if split not in self.splits: raise ValueError(f"fashion-mnist split must be one of train, test, got {split!r}")
+        if split not in self.splits: raise ValueError(f"fashion-mnist split must be one of {', '.join(self.splits)}, got {split!r}")
         root = Path(root)
         if not root.is_dir(): raise FileNotFoundError(f"Fashion-MNIST folder {root} does not exist")
-        prefix = "train" if split == "train" else "t10k"
+        prefix = "t10k" if split == "test" else "train"
         ipath, lpath = _idx_file(root, f"{prefix}-images-idx3-ubyte"), _idx_file(root, f"{prefix}-labels-idx1-ubyte")
         images, labels = read_idx(ipath), read_idx(lpath)
         if images.dtype != torch.uint8 or images.ndim != 3: raise ValueError(f"{ipath}: expected uint8 images (N, H, W), got {images.dtype} {tuple(images.shape)}")
         if labels.dtype != torch.uint8 or labels.ndim != 1: raise ValueError(f"{lpath}: expected uint8 labels (N,), got {labels.dtype} {tuple(labels.shape)}")
         if len(images) != len(labels): raise ValueError(f"{ipath} holds {len(images)} images but {lpath} holds {len(labels)} labels")
         if len(labels) and labels.max() >= 10: raise ValueError(f"{lpath}: labels must be in 0..9, found {labels.max().item()}")
-        super().__init__(images[:, None], labels.long(), None, FASHION_MNIST_CLASSES, image_size)
+        labels = labels.long()
+        if split != "test":  # the training file holds both: val is the held-out draw, train the rest
+            held = torch.zeros(len(labels), dtype=torch.bool); held[val_indices(labels)] = True
+            keep = held if split == "val" else ~held
+            images, labels = images[keep], labels[keep]
+        super().__init__(images[:, None], labels, None, FASHION_MNIST_CLASSES, image_size)
 
 # %% ../nbs/01c_readers.ipynb #d8396940
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif")

@@ -15,8 +15,8 @@ from .data import FAMILIES, SHAPES, TensorImages, _block_seed, shape_mask, textu
 
 # %% auto #0
 __all__ = ['CLASSES', 'BACKGROUNDS', 'DARK', 'LIGHT', 'FOREGROUND', 'SPLITS', 'SPLIT_SIZES', 'SHAPE_AREA', 'SHAPE_REACH',
-           'VALIDITY', 'MAX_RETRIEVAL', 'draw_spurious', 'render_spurious', 'generate_spurious', 'SpuriousShapes',
-           'colour_histograms', 'colour_retrieval', 'validity_report']
+           'VALIDITY', 'VALIDITY_SPLITS', 'MAX_RETRIEVAL', 'draw_spurious', 'render_spurious', 'generate_spurious',
+           'SpuriousShapes', 'colour_histograms', 'colour_retrieval', 'validity_report']
 
 # %% ../nbs/01a_spurious.ipynb #a1000007
 CLASSES = ("disc", "square", "triangle", "cross", "ring", "star", "crescent", "L-shape", "bar", "arrow")  # of relicv2.data.SHAPES
@@ -26,8 +26,10 @@ _TEXTURE_OF = {"holes": ("dots", True), "halves": ("gradient", False)}  # the ot
 _TEXTURES = tuple((FAMILIES.index(_TEXTURE_OF.get(b, (b, False))[0]), _TEXTURE_OF.get(b, (b, False))[1]) for b in BACKGROUNDS)
 DARK, LIGHT = 70, 180  # the background's two grey levels, shared by every image
 FOREGROUND = (235, 190, 40)  # the object's colour, shared by every image
-SPLITS = ("train", "test", "test_ood")
-SPLIT_SIZES = {"train": 10000, "test": 2000, "test_ood": 2000}
+SPLITS = ("train", "val", "val_ood", "test", "test_ood")  # *_ood: backgrounds independent of the class
+SPLIT_SIZES = {"train": 10000, "val": 2000, "val_ood": 2000, "test": 5000, "test_ood": 5000}
+_STREAMS = {"train": "train", "val": "test", "val_ood": "test_ood",  # val, val_ood: the draws first called test, test_ood
+            "test": "test-2026-12", "test_ood": "test_ood-2026-12"}  # fresh draws, read once by registered blocks
 
 # %% ../nbs/01a_spurious.ipynb #a1000009
 def _shape_geometry(res: int = 521, span: float = 1.3) -> tuple[Tensor, Tensor]:
@@ -86,7 +88,7 @@ def render_spurious(p: dict,  # parameters from `draw_spurious`
     return img, fg[:, None].to(torch.uint8)
 
 # %% ../nbs/01a_spurious.ipynb #a1000014
-def generate_spurious(split: str = "train",  # 'train', 'test' (same correlation) or 'test_ood' (backgrounds independent of the class)
+def generate_spurious(split: str = "train",  # 'train', 'val'/'test' (same correlation) or 'val_ood'/'test_ood' (backgrounds independent of the class)
                       size: int = 24,  # image side in pixels
                       n: Optional[int] = None,  # number of images; None: SPLIT_SIZES[split]
                       spurious_correlation: float = 0.98,  # P(background family == class) in train and test
@@ -101,9 +103,9 @@ def generate_spurious(split: str = "train",  # 'train', 'test' (same correlation
     if not 0.0 <= spurious_correlation <= 1.0: raise ValueError(f"spurious_correlation must be in [0, 1], got {spurious_correlation}")
     out = {k: [] for k in ("images", "masks", "labels", "backgrounds")}
     for b in range(math.ceil(n / 256)):
-        g = torch.Generator().manual_seed(_block_seed(seed, split, b, "spurious"))
+        g = torch.Generator().manual_seed(_block_seed(seed, _STREAMS[split], b, "spurious"))
         labels = torch.arange(b * 256, (b + 1) * 256) % len(CLASSES)
-        p = draw_spurious(g, labels, size, None if split == "test_ood" else spurious_correlation)
+        p = draw_spurious(g, labels, size, None if split.endswith("_ood") else spurious_correlation)
         img, m = render_spurious(p, size, background)
         for k, t in zip(out, (img, m, labels, p["background"])): out[k].append(t)
     empty = {"images": torch.zeros(0, 3, size, size, dtype=torch.uint8), "masks": torch.zeros(0, 1, size, size, dtype=torch.uint8),
@@ -116,9 +118,9 @@ class SpuriousShapes(TensorImages):
     splits = SPLITS
 
     def __init__(self,
-                 split: str = "train",  # 'train', 'test' (in distribution) or 'test_ood' (background independent of class)
+                 split: str = "train",  # one of SPLITS: 'train', 'val'/'test' (in distribution), 'val_ood'/'test_ood' (background independent of class)
                  size: int = 24,  # side of the generated images
-                 n: Optional[int] = None,  # number of images; None: 10000 for train, 2000 for test and test_ood
+                 n: Optional[int] = None,  # number of images; None: SPLIT_SIZES[split]
                  spurious_correlation: float = 0.98,  # P(background family == class) in train and test
                  background: bool = True,  # False: objects on black
                  seed: int = 0,  # base seed; each split derives its own
@@ -158,10 +160,11 @@ def colour_retrieval(images: Tensor,  # (N, 3, H, W) uint8, N >= n * repeats
 
 # %% ../nbs/01a_spurious.ipynb #a1000025
 VALIDITY = {  # what the benchmark must show before a claim is tested on it
-    "shortcut_in_distribution": ("supervised", "test", ">=", 90.0),  # the baseline learns the task...
-    "shortcut_gap": ("supervised", "test - test_ood", ">=", 20.0),  # ...and loses this much when the background stops helping
-    "shape_learnable": ("supervised-no-background", "test_ood", ">=", 80.0),  # the shape alone can be learned at the budget
+    "shortcut_in_distribution": ("supervised", "in", ">=", 90.0),  # the baseline learns the task...
+    "shortcut_gap": ("supervised", "in - ood", ">=", 20.0),  # ...and loses this much when the background stops helping
+    "shape_learnable": ("supervised-no-background", "ood", ">=", 80.0),  # the shape alone can be learned at the budget
 }
+VALIDITY_SPLITS = {"in": "val", "ood": "val_ood"}  # the splits the roles are read on (a design choice reads validation splits)
 MAX_RETRIEVAL = 3.0  # colour-histogram retrieval of an image's other view: at most this many times chance
 
 def _top1(rows: list, variant: str, split: str) -> dict:
@@ -174,20 +177,21 @@ def _mean_top1(rows: list, variant: str, split: str) -> Optional[float]:
 
 def validity_report(rows: list,  # rows of an ablation table: dicts with variant, split, linear_top1 (as read by csv.DictReader)
                     retrieval: dict,  # from `colour_retrieval`
+                    splits: Optional[dict] = None,  # role ('in', 'ood') -> split name; None: VALIDITY_SPLITS
                    ) -> dict:  # {'criteria': {name: {measured, threshold, holds}}, 'baselines': ..., 'all_hold': bool}
     "Each validity criterion of the benchmark: the figure measured (mean over seeds, and each seed's), the threshold, and whether it holds at every seed."
-    crit = {}
+    roles, crit = {**VALIDITY_SPLITS, **(splits or {})}, {}
     for name, (variant, what, op, threshold) in VALIDITY.items():
-        splits = what.split(" - ")
-        vals = [_top1(rows, variant, s) for s in splits]
-        if not all(vals): raise ValueError(f"the table has no {variant!r} row for split {splits[[bool(v) for v in vals].index(False)]!r} (criterion {name})")
+        names = [roles[r] for r in what.split(" - ")]
+        vals = [_top1(rows, variant, s) for s in names]
+        if not all(vals): raise ValueError(f"the table has no {variant!r} row for split {names[[bool(v) for v in vals].index(False)]!r} (criterion {name})")
         seeds = sorted(set.intersection(*(set(v) for v in vals)))
         per_seed = {s: round(vals[0][s] - vals[1][s] if len(vals) == 2 else vals[0][s], 2) for s in seeds}
-        crit[name] = {"variant": variant, "measure": f"linear top-1 {what}", "measured": round(sum(per_seed.values()) / len(seeds), 2),
+        crit[name] = {"variant": variant, "measure": f"linear top-1 {' - '.join(names)}", "measured": round(sum(per_seed.values()) / len(seeds), 2),
                       "per_seed": per_seed, "threshold": f"{op} {threshold}", "holds": all(v >= threshold for v in per_seed.values())}
     worst = max(v for k, v in retrieval.items() if k != "chance")
     crit["colour_retrieval"] = {"measure": f"% nearest-histogram retrieval among {round(100 / retrieval['chance'])} (worst of {len(retrieval) - 1} bin counts)",
                                 "measured": round(worst, 2), "threshold": f"<= {MAX_RETRIEVAL} x chance = {MAX_RETRIEVAL * retrieval['chance']:.2f}",
                                 "holds": worst <= MAX_RETRIEVAL * retrieval["chance"]}
-    baselines = {b: {s: _mean_top1(rows, b, s) for s in ("test", "test_ood")} for b in ("raw-pixels", "random-init")}
+    baselines = {b: {s: _mean_top1(rows, b, s) for s in (roles["in"], roles["ood"])} for b in ("raw-pixels", "random-init")}
     return {"criteria": crit, "baselines": baselines, "all_hold": all(c["holds"] for c in crit.values())}

@@ -19,6 +19,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", default="runs/ablation/spurious_validity", help="the grid's out_dir (results.csv and results.json)")
     p.add_argument("--out", default="experiments/results/spurious_validity.json")
+    p.add_argument("--splits", default="val,val_ood", help="the in- and out-of-distribution splits the criteria read: val,val_ood "
+                   "(test,test_ood for a table written before the splits were renamed: the same images)")
     args = p.parse_args(argv)
     runs = Path(args.runs)
     table, meta = runs / "results.csv", runs / "results.json"
@@ -28,7 +30,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     views = ViewGenerator.from_config(preset("spurious").views, n_large=2, n_small=0)
     retrieval = colour_retrieval(generate_spurious("train", n=2048)["images"], views)
-    report = validity_report(rows, retrieval)
+    split_in, _, split_ood = args.splits.partition(",")
+    report = validity_report(rows, retrieval, splits={"in": split_in, "ood": split_ood})
     report["colour_retrieval"] = {str(k): round(v, 3) for k, v in retrieval.items()}
     report["table"] = [{k: r[k] for k in ("variant", "seed", "split", "linear_top1", "knn_top1", "steps", "train_s")} for r in rows]
     grid = json.loads(meta.read_text())

@@ -434,8 +434,9 @@ def test_fashion_mnist_tiny_idx(tmp_path, gz):
     assert torch.equal(image, imgs[4].expand(3, -1, -1))
     assert R.FashionMNIST(tmp_path, "train", image_size=32)[0][0].shape == (3, 32, 32)
     with pytest.raises(FileNotFoundError, match="t10k-images-idx3-ubyte"): R.FashionMNIST(tmp_path, "test")
-    with pytest.raises(ValueError, match="train, test"): R.FashionMNIST(tmp_path, "val")
+    with pytest.raises(ValueError, match="train, val, test"): R.FashionMNIST(tmp_path, "valid")
     with pytest.raises(FileNotFoundError, match="does not exist"): R.FashionMNIST(tmp_path / "nope")
+    assert len(R.FashionMNIST(tmp_path, "val")) == 0  # one image per class: a sixth of it rounds to none held out
 
 
 def test_idx_errors_name_the_file(tmp_path):
@@ -475,8 +476,11 @@ def test_read_idx_types(tmp_path):
 
 @pytest.mark.skipif(not Path(R.FASHION_MNIST_ROOT).is_dir(), reason=f"Fashion-MNIST not installed in {R.FASHION_MNIST_ROOT} (Debian package dataset-fashion-mnist)")
 def test_fashion_mnist_real_files():
-    ds = R.FashionMNIST(split="train")
-    assert len(ds) == 60000 and ds.labels.bincount().tolist() == [6000] * 10
+    ds, val = R.FashionMNIST(split="train"), R.FashionMNIST(split="val")
+    assert len(ds) == 50000 and ds.labels.bincount().tolist() == [5000] * 10
+    assert len(val) == 10000 and val.labels.bincount().tolist() == [1000] * 10
+    held = R.val_indices(R.read_idx(R._idx_file(Path(R.FASHION_MNIST_ROOT), "train-labels-idx1-ubyte")).long())
+    assert len(held) == len(set(held.tolist())) == 10000  # rows of the training file: val takes these, train the rest (01c_readers)
     image, mask, label = ds[0]
     assert image.shape == (3, 28, 28) and image.dtype == torch.uint8 and mask is None and 0 <= label < 10
     assert ds.classes[9] == "Ankle boot"
@@ -544,7 +548,7 @@ def test_make_dataset_bad_names(name, msg):
 
 def test_make_dataset_bad_splits(tmp_path):
     with pytest.raises(ValueError, match="train, test, test_ood"): D.make_dataset("synthetic", "val", cache_dir=False)
-    with pytest.raises(ValueError, match="train, test"): D.make_dataset(f"fashion-mnist:{tmp_path}", "val")
+    with pytest.raises(ValueError, match="train, val, test"): D.make_dataset(f"fashion-mnist:{tmp_path}", "valid")
     root = tree(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"\['train'\]"): D.make_dataset(f"imagefolder:{root}", "val")
 

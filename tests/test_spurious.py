@@ -37,7 +37,7 @@ def test_splits_share_no_image():
 
 
 @pytest.mark.parametrize("kw, message", [
-    (dict(split="val"), "train, test, test_ood"),
+    (dict(split="valid"), "train, val, val_ood, test, test_ood"),
     (dict(n=-1), "n must be"),
     (dict(n=2.5), "n must be"),
     (dict(size=12), "size must be an int >= 16"),
@@ -94,5 +94,5 @@ def test_validity_spec_end_to_end(tmp_path):
     assert set(d["criteria"]) == {"shortcut_in_distribution", "shortcut_gap", "shape_learnable", "colour_retrieval"}
     assert d["all_hold"] == all(c["holds"] for c in d["criteria"].values())
     assert {r["variant"] for r in d["table"]} == {"raw-pixels", "random-init", *spec["variants"]}
-    assert d["made_by"]["machine"] and d["baselines"]["raw-pixels"]["test_ood"] is not None
+    assert d["made_by"]["machine"] and d["baselines"]["raw-pixels"]["val_ood"] is not None
     assert "holds" in r.stdout or "FAILS" in r.stdout
