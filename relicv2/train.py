@@ -208,7 +208,9 @@ def training_set(cfg: RunConfig,  # the run
                  progress: ProgressArg = None,  # see `fit`
                 ) -> tuple[torch.utils.data.Dataset, int, Optional[int]]:  # images, classes (0: unlabelled), images with a mask (None: masking off)
     "The training images of a run, as `cfg.data` says; a `train_subset` drawn by seed; masking without masks warned about."
-    dataset = rdata.from_config(cfg.data, "train", progress=progress if env.is_main else False)
+    # built on a fork of the global RNG: a mask model made here (deepusps:WEIGHTS) must not move the networks' initial draw
+    with torch.random.fork_rng(devices=[]):  # the networks are initialised on the CPU, then moved
+        dataset = rdata.from_config(cfg.data, "train", progress=progress if env.is_main else False)
     n_classes = len(getattr(dataset, "classes", None) or [])
     if env.is_main and getattr(dataset, "summary", None): announce(f"pretraining: {dataset.summary}", progress)  # computed masks
     if cfg.data.train_subset is not None:  # drawn by seed, not the first N (which, in class order, can be one class)

@@ -410,3 +410,26 @@ def test_a_run_stopped_at_a_monitor_step_keeps_that_point_of_its_learning_curve(
     fit(cfg, progress=False)  # resumes from the checkpoint of step 2
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "knn_top1" in r] == [0, 2, 4]
+
+
+def _tiny_deepusps(path):
+    "A DeepUSPS-lite U-Net at a toy size, trained for one epoch and saved by the package's own code."
+    from relicv2.deepusps import save_deepusps, train_deepusps
+    from relicv2.spurious import SpuriousShapes
+    unet, _ = train_deepusps(SpuriousShapes("train", size=16, n=32).images, epochs=1, rounds=0, size=16, width=2, depth=2, batch_size=16)
+    return save_deepusps(unet, path)
+
+
+@pytest.mark.filterwarnings("ignore:views.mask_prob=0.5 but no training image has a mask")  # data.masks=none
+def test_every_mask_source_of_a_seed_starts_from_the_same_weights(tmp_path):
+    "fit's networks draw the same initial weights whatever data.masks builds (a DeepUSPS-lite U-Net draws from torch's RNG)."
+    weights = _tiny_deepusps(tmp_path / "unet.pt")
+    first = {}
+    for masks in ("dataset", "none", "border", f"deepusps:{weights}"):
+        cfg = tiny(tmp_path / masks.replace("/", "_"), **{"data.dataset": "spurious", "data.masks": masks, "views.mask_prob": 0.5})
+        res = fit(cfg, max_steps=0, progress=False)  # fit's own order: seed, training set, networks; no step
+        assert res.steps == 0
+        first[masks] = res.online.state_dict()
+    ref = first["dataset"]
+    for masks, state in first.items():
+        assert state.keys() == ref.keys() and all(torch.equal(state[k], ref[k]) for k in ref), masks
