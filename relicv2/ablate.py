@@ -19,11 +19,12 @@ from .config import RunConfig, preset, to_dict, update, PRESETS
 from .files import ConfigError, atomic_write, read_file
 from .evaluate import BASELINES
 from .progress import ProgressArg, announce
+from .confirm import check_confirm, check_registration, verdicts
 
 # %% auto #0
-__all__ = ['RESULT_FIELDS', 'AblationSpec', 'load_spec', 'provenance', 'train_seconds', 'knn_curve', 'config_record',
-           'result_path', 'run_one', 'run_baseline', 'run_ablation', 'read_results', 'summarize', 'format_summary',
-           'plot_ablation', 'restore_runs']
+__all__ = ['RESULT_FIELDS', 'AblationSpec', 'load_spec', 'spec_content', 'provenance', 'train_seconds', 'knn_curve',
+           'config_record', 'result_path', 'run_one', 'run_baseline', 'run_ablation', 'read_results', 'summarize',
+           'format_summary', 'plot_ablation', 'restore_runs']
 
 # %% ../nbs/11_ablate.ipynb #d88f3810
 @dataclass
@@ -37,6 +38,8 @@ class AblationSpec:
     grid: dict = field(default_factory=dict)  # field -> list of values; each combination is a variant too
     splits: Optional[list] = None  # test splits to evaluate; None: every split but 'train'
     baselines: list = field(default_factory=lambda: list(BASELINES))  # rows that need no training: raw pixels, random init
+    block: Optional[str] = None  # a confirmatory block's name (with `confirm`; see 11b_confirm)
+    confirm: Optional[dict] = None  # a confirmatory block's registered comparisons (11b_confirm); None: an exploratory grid
     source: Optional[str] = None  # the spec file it was read from (recorded beside the results)
 
     def runs(self) -> list[tuple[str, int, RunConfig]]:
@@ -64,7 +67,7 @@ def _slug(name: str) -> str:
 
 # %% ../nbs/11_ablate.ipynb #2a8e33fd
 _GRID_KEYS = {"preset": str, "out_dir": str, "seeds": list, "common": dict, "variants": dict, "grid": dict, "splits": list,
-              "baselines": list}
+              "baselines": list, "block": str, "confirm": dict}
 
 def load_spec(source: str | Path | dict) -> AblationSpec:
     "An `AblationSpec` from a YAML/JSON file or a dict, validated (every run's config is built once)."
@@ -86,8 +89,15 @@ def load_spec(source: str | Path | dict) -> AblationSpec:
     if bad: raise ConfigError(f"{where}: unknown baseline(s) {bad}; allowed: {', '.join(BASELINES)} (or [] for none)")
     spec = AblationSpec(**data, source=None if isinstance(source, dict) else str(source))
     if not spec.variants and not spec.grid: raise ConfigError(f"{where}: no runs: give 'variants' or 'grid'")
-    spec.runs()  # every override is checked here
+    names = list(dict.fromkeys([*spec.baselines, *(n for n, _, _ in spec.runs())]))  # every override is checked here
+    if (spec.block is None) != (spec.confirm is None):
+        raise ConfigError(f"{where}: a confirmatory block needs both 'block' (its name) and 'confirm' (its comparisons)")
+    if spec.confirm is not None: spec.confirm = check_confirm(spec.confirm, names, spec.splits, where=f"{where}: confirm")
     return spec
+
+def spec_content(spec: AblationSpec) -> dict:
+    "What defines a grid (every field but the file it was read from): what a block's registration fingerprints."
+    return {k: getattr(spec, k) for k in _GRID_KEYS}
 
 # %% ../nbs/11_ablate.ipynb #edcae9e1
 RESULT_FIELDS = ["variant", "seed", "split", "knn_top1", "knn_top5", "linear_top1", "linear_top5", "steps", "train_s", "overrides"]
@@ -177,6 +187,9 @@ def run_ablation(spec: AblationSpec | str | Path | dict,  # the grid, or a spec 
         if unknown: raise ConfigError(f"unknown variant(s) {', '.join(unknown)}; variants: {', '.join(names)}")
     rows, record, path = [], {}, Path(spec.out_dir, "results.csv")
     overrides, jobs = _overrides(spec), _jobs(spec)
+    if spec.confirm is not None:  # a confirmatory block runs only as registered and committed (11b_confirm)
+        if spec.source is None: raise ConfigError(f"block {spec.block!r} must be run from its registered spec file, not from a dict")
+        check_registration(spec.source, spec_content(spec), has_results=any(j[4].exists() for j in jobs))
     for i, (name, seed, cfg, is_baseline, done) in enumerate(jobs, 1):
         if not train or (only and name not in only):  # not ours to run now, but its finished results stay in the table
             if not done.exists(): continue
@@ -194,6 +207,9 @@ def run_ablation(spec: AblationSpec | str | Path | dict,  # the grid, or a spec 
         buf = io.StringIO(); w = csv.DictWriter(buf, RESULT_FIELDS); w.writeheader(); w.writerows(rows)
         atomic_write(path, buf.getvalue())
         atomic_write(path.with_suffix(".json"), json.dumps({"spec": spec.source, "runs": record}, indent=2) + "\n")
+    if spec.confirm is not None and all(j[4].exists() for j in jobs):  # every run of the block is done: its verdicts, once
+        atomic_write(path.with_name("verdicts.json"), json.dumps({"block": spec.block, "spec": spec.source,
+                                                                  "verdicts": verdicts(spec.confirm, rows)}, indent=1) + "\n")
     return path
 
 # %% ../nbs/11_ablate.ipynb #7cfdd3e4

@@ -293,6 +293,9 @@ def ablate_main(argv: list[str] | None = None) -> int:
     p.add_argument("spec", help="YAML or JSON ablation spec")
     p.add_argument("--only", default=None, metavar="A,B", help="train only these variants (or baselines: raw-pixels, random-init)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and exit")
+    p.add_argument("--register", action="store_true",
+                   help="a confirmatory block (a spec with 'block' and 'confirm'): write its registration beside the spec and exit; "
+                        "commit both before the block's first run")
     p.add_argument("--collect", action="store_true", help="train nothing: write the table and plots from the finished runs")
     p.add_argument("--restore", default=None, metavar="TABLE",
                    help="first restore the finished runs that a committed results.csv holds and out_dir lacks (same configs only)")
@@ -303,6 +306,14 @@ def ablate_main(argv: list[str] | None = None) -> int:
         spec = load_spec(args.spec)
         if args.dry_run:
             for name, seed, cfg in spec.runs(): print(f"{name}  seed {seed}  -> {cfg.train.out_dir}")
+            return 0
+        if args.register:
+            from relicv2.ablate import spec_content, result_path
+            from relicv2.confirm import register_block
+            if spec.confirm is None: raise ConfigError(f"{args.spec} is not a confirmatory block: it needs 'block' and 'confirm' to be registered")
+            done = any(result_path(cfg).exists() for _, _, cfg in spec.runs())
+            reg = register_block(args.spec, spec_content(spec), has_results=done)
+            print(f"relicv2-ablate: block {spec.block!r} registered in {reg}; commit it and {args.spec} before the block's first run")
             return 0
         if args.restore: restore_runs(spec, args.restore, progress=False if args.no_progress else None)
         path = run_ablation(spec, progress=False if args.no_progress else None, only=args.only.split(",") if args.only else None,
@@ -315,6 +326,9 @@ def ablate_main(argv: list[str] | None = None) -> int:
     for metric in ("linear_top1", "knn_top1"):
         print(format_summary(rows, metric)); print()
         plot_ablation(rows, metric, path.with_name(f"{metric}.png"))
+    if path.with_name("verdicts.json").exists():
+        from relicv2.confirm import format_verdicts
+        print(format_verdicts(json.loads(path.with_name("verdicts.json").read_text())["verdicts"])); print()
     print(f"relicv2-ablate: table {path}, plots beside it")
     return 0
 

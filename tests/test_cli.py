@@ -1,4 +1,5 @@
 """Command-line behaviour that needs a real process: exit codes and one-line errors without tracebacks."""
+import json
 import subprocess
 import sys
 
@@ -15,7 +16,7 @@ def run(*args, cwd=None):
     (["--set", "loss.alpah=0.5"], "did you mean 'alpha'"),
     (["--set", "train.batch_size=abc"], "'train.batch_size' expects an int"),
     (["--set", "train.batch_size=0.5"], "'train.batch_size' expects an int"),
-    (["--set", "loss.objective=simclr"], "one of 'relicv2', 'infonce', 'byol'"),
+    (["--set", "loss.objective=simsiam"], "one of 'relicv2', 'infonce', 'byol', 'simclr'"),
     (["--set", "alpha=0.5"], "section.field=value"),
     (["--config", "missing.yaml"], "does not exist"),
     # values of the right type that cannot work: refused with the field and its range, before any work
@@ -140,6 +141,31 @@ def test_ablate_restore_a_committed_table(tmp_path):
     assert "restore: 1 finished run(s) restored" in r.stderr, r.stderr
     assert (tmp_path / "first" / "results.csv").read_text() == (tmp_path / "second" / "results.csv").read_text()
     one_line(command("ablate_main", str(tmp_path / "second.yaml"), "--restore", str(tmp_path / "none.csv")), 2, "none.csv")
+
+
+def test_a_confirmatory_block_runs_only_as_registered_and_committed(tmp_path):
+    # 11b_confirm: refused unregistered, refused uncommitted, run once, refused when its seeds change afterwards
+    git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)
+    git("init", "-q"); git("config", "user.email", "a@b"); git("config", "user.name", "a")
+    block = ("preset: tiny\nout_dir: {}\nseeds: {}\nsplits: [test]\nbaselines: []\nblock: toy\n"
+             "common: {{eval.linear_epochs: 1, train.epochs: 1}}\nvariants: {{a: {{}}, b: {{loss.alpha: 0.0}}}}\n"
+             "confirm: {{comparisons: [{{a: a, b: b, split: test, margin: 5.0}}], plan: '4 tiny runs'}}\n")
+    spec = tmp_path / "toy.yaml"
+    spec.write_text(block.format(tmp_path / "grid", "[0, 1]"))
+    one_line(command("ablate_main", str(spec)), 2, "is not registered")
+    r = command("ablate_main", str(spec), "--register")
+    assert r.returncode == 0 and (tmp_path / "toy.registration.json").exists(), r.stderr
+    one_line(command("ablate_main", str(spec)), 2, "commit toy.yaml as it is")
+    git("add", "."); git("commit", "-qm", "register")
+    r = command("ablate_main", str(spec))
+    assert r.returncode == 0, r.stderr
+    v = json.loads((tmp_path / "grid" / "verdicts.json").read_text())["verdicts"]
+    assert len(v) == 1 and v[0]["n"] == 2 and v[0]["seeds"] == [0, 1] and "verdict" in v[0] and "p_adj" in v[0]
+    assert "A - B [95% CI]" in r.stdout and v[0]["verdict"] in r.stdout
+    spec.write_text(block.format(tmp_path / "grid", "[0, 1, 2]"))  # a seed added after looking
+    git("commit", "-qam", "more seeds")
+    one_line(command("ablate_main", str(spec)), 2, "a changed block is a new block")
+    one_line(command("ablate_main", str(spec), "--register"), 2, "a changed block is a new block")
 
 
 def test_progress_without_a_terminal_is_a_few_named_lines(tmp_path):
