@@ -1,6 +1,7 @@
 """Write README.md from nbs/index.ipynb (Quarto, which `nbdev_readme` needs, cannot be installed here).
 
-Markdown cells are copied; code cells are shown with their text outputs, except cells marked `#| hide`.
+Markdown cells are copied; code cells are shown with their text outputs, except cells marked `#| hide`; a cell marked
+`#| output: asis` contributes only what it printed, as Markdown (a table or a sentence computed from results files).
 Usage: python scripts/make_readme.py [--check]   (--check: exit 1 if README.md is out of date)
 """
 import json
@@ -29,6 +30,9 @@ def render(nb_path: Path) -> str:
         lines = src.splitlines()
         directives = [l.strip().replace(" ", "") for l in lines if l.strip().startswith("#|")]
         if "#|hide" in directives:
+            continue
+        if "#|output:asis" in directives:  # computed Markdown: the output, not the code
+            parts.append("".join(_text(o.get("text", "")) for o in cell.get("outputs", []) if o.get("output_type") == "stream").strip("\n"))
             continue
         code = "\n".join(l for l in lines if not l.strip().startswith("#|")).strip("\n")
         if code:
