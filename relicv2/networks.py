@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -54,17 +54,18 @@ def multicrop_forward(fn: Callable[[Tensor], Tensor],  # a network: (N, 3, H, W)
 
 # %% ../nbs/04a_networks.ipynb #1dd61d1d
 class OnlineNetwork(nn.Module):
-    "Encoder -> projector -> predictor: the branch that is trained."
-    def __init__(self, encoder: ResNet, projector: MLPHead, predictor: MLPHead):
+    "Encoder -> projector -> predictor: the branch that is trained (without a predictor: SimCLR's one network)."
+    def __init__(self, encoder: ResNet, projector: MLPHead,
+                 predictor: Optional[MLPHead]):  # None: no predictor, the outputs are the projections (SimCLR)
         super().__init__()
         self.encoder, self.projector, self.predictor = encoder, projector, predictor
 
     def _one(self, x: Tensor, predict: bool) -> Tensor:
         z = self.projector(self.encoder(x))
-        return self.predictor(z) if predict else z
+        return self.predictor(z) if predict and self.predictor is not None else z
 
     def forward(self, x: Tensor | Sequence[Tensor],  # (B, 3, H, W) images in [0, 1], or a list of such views
-                predict: bool = True,  # False: stop at the projector
+                predict: bool = True,  # False: stop at the projector (as does a network without a predictor)
                 group: bool = True,  # for a list: one pass per view size (False: one per view)
                ) -> Tensor | list[Tensor]:  # (B, out_dim) predictions (or projections), one per view for a list
         if isinstance(x, Tensor): return self._one(x, predict)
@@ -88,12 +89,14 @@ class TargetNetwork(nn.Module):
         return multicrop_forward(lambda v: self.projector(self.encoder(v)), x, group)
 
 # %% ../nbs/04a_networks.ipynb #609d6f31
-def build_networks(encoder_cfg: EncoderConfig, head_cfg: HeadConfig) -> tuple[OnlineNetwork, TargetNetwork]:
+def build_networks(encoder_cfg: EncoderConfig, head_cfg: HeadConfig,
+                   predictor: bool = True,  # False: no predictor (SimCLR); the encoder and projector draw the same weights
+                  ) -> tuple[OnlineNetwork, TargetNetwork]:
     "The online network and its target copy, as configured."
     enc = resnet(**dataclasses.asdict(encoder_cfg))
     projector = MLPHead(enc.feat_dim, head_cfg.projector_hidden, head_cfg.projector_out)
-    predictor = MLPHead(head_cfg.projector_out, head_cfg.predictor_hidden, head_cfg.projector_out)
-    online = OnlineNetwork(enc, projector, predictor)
+    head = MLPHead(head_cfg.projector_out, head_cfg.predictor_hidden, head_cfg.projector_out) if predictor else None
+    online = OnlineNetwork(enc, projector, head)
     return online, make_target(online.without_predictor())  # a frozen deep copy of the shared half
 
 # %% ../nbs/04a_networks.ipynb #3dd78f50

@@ -123,14 +123,14 @@ class StepParts:
     cfg: RunConfig  # the run's config
     env: DistEnv  # this process's rank, world size and device
     views: ViewGenerator  # makes the L large and S small views on the device
-    online: nn.Module  # the trained network: `OnlineNetwork`, or `SupervisedNetwork` for the baseline
-    target: Optional[nn.Module]  # the EMA network (None for the supervised baseline)
+    online: nn.Module  # the trained network: `OnlineNetwork` (no predictor for simclr), or `SupervisedNetwork` for the baseline
+    target: Optional[nn.Module]  # the EMA network (None: simclr and the supervised baseline have none)
     forward: Callable  # `online`, wrapped in DDP and torch.compile when the config asks
     criterion: Optional[ReLICv2Loss]  # the loss (None: cross-entropy, the supervised baseline)
     optimizer: torch.optim.Optimizer
     scaler: Optional[torch.amp.GradScaler]  # fp16 only
     lrs: torch.Tensor  # (K,) learning rate of every step
-    momenta: torch.Tensor  # (K,) EMA momentum of every step
+    momenta: torch.Tensor  # (K,) EMA momentum of every step (read only where there is a target)
     gens: dict  # this process's 'views' and 'loss' generators
     b: int  # this process's share of the batch
 
@@ -142,8 +142,10 @@ def build_step(cfg: RunConfig,  # the run
     "The networks, loss, optimiser, schedules and generators of a run, on its device, in the order `fit` seeds them."
     tc, dev = cfg.train, env.device
     views = ViewGenerator.from_config(cfg.views)
-    online, target = build_networks(cfg.encoder, cfg.heads)
-    if cfg.loss.objective == "supervised":
+    objective = cfg.loss.objective
+    online, target = build_networks(cfg.encoder, cfg.heads, predictor=objective != "simclr")
+    if objective == "simclr": target = None  # online against online: no EMA network, no predictor
+    if objective == "supervised":
         if not n_classes: raise ValueError(f"loss.objective='supervised' needs a labelled dataset; {cfg.data.dataset!r} has no classes")
         online, target = SupervisedNetwork(online.encoder, n_classes), None
     if tc.sync_bn and env.distributed:
@@ -153,7 +155,7 @@ def build_step(cfg: RunConfig,  # the run
     if target is not None: target.to(dev)
     model = DistributedDataParallel(online, device_ids=[dev] if dev.type == "cuda" else None) if env.distributed else online
     return StepParts(cfg, env, views, online, target, torch.compile(model) if tc.compile else model,
-                     None if target is None else ReLICv2Loss.from_config(cfg.loss), optimizer_from_config(cfg.optim, online),
+                     None if objective == "supervised" else ReLICv2Loss.from_config(cfg.loss), optimizer_from_config(cfg.optim, online),
                      torch.amp.GradScaler("cuda") if tc.precision == "fp16" else None,
                      lr_schedule_from_config(cfg.optim, tc.batch_size, steps_per_epoch, tc.epochs),
                      momentum_schedule(tc.epochs * steps_per_epoch, cfg.target.tau_base),
@@ -182,7 +184,8 @@ def train_step(p: StepParts,  # from `build_step`
         terms = {"cross_entropy": loss.detach()}
     else:
         # negatives come from the global batch: gather every process's rows (online ones with gradient)
-        o, t = _stack_gather(out, with_grad=True), _stack_gather(t_out, with_grad=False)
+        o = _stack_gather(out, with_grad=True)
+        t = _stack_gather(t_out, with_grad=False) if p.target is not None else None  # simclr: the online views are the keys
         anchors = torch.arange(env.rank * p.b, (env.rank + 1) * p.b, device=dev) if env.distributed else None
         L = p.cfg.views.n_large
         loss, terms = p.criterion(o[:L], o[L:], t, anchors=anchors, generator=p.gens["loss"])
@@ -324,8 +327,8 @@ class StepLog:
         n = tc.log_every if step % tc.log_every == 0 else step % tc.log_every  # steps in this interval
         extra = {"masked_views": float(self.masked) / (n * self.p.b * self.p.cfg.views.n_large)} if self.masks else {}
         self.log.write(step=step, epoch=epoch, loss=loss, **{k: float(x) for k, x in terms.items()},
-                       lr=float(self.p.lrs[step - 1]), ema=float(self.p.momenta[step - 1]), images_per_s=n * tc.batch_size / dt,
-                       data_wait=min(self.wait / dt, 1.0), **extra)
+                       lr=float(self.p.lrs[step - 1]), **({"ema": float(self.p.momenta[step - 1])} if self.p.target is not None else {}),
+                       images_per_s=n * tc.batch_size / dt, data_wait=min(self.wait / dt, 1.0), **extra)
         self.masked, self.wait = 0, 0.0
 
 
@@ -367,7 +370,7 @@ def fit(cfg: RunConfig,  # the whole run, e.g. `preset("demo")`
             if tc.monitor_steps: log.write(step=0, epoch=0, **monitor(p.online.encoder, cfg, env.device))  # the curve starts at init
     # ---------------- the loop ----------------
     end = tc.epochs * steps_per_epoch if max_steps is None else min(tc.epochs * steps_per_epoch, max_steps)
-    bar = Progress(end, "pretraining" if p.target is not None else "supervised training", progress if main else False,
+    bar = Progress(end, "supervised training" if cfg.loss.objective == "supervised" else "pretraining", progress if main else False,
                    initial=step, per_unit=tc.batch_size)
     p.online.train()
     if p.target is not None: p.target.train()  # the target's BN statistics come from its own forward pass [BYOL's network code]

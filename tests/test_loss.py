@@ -11,7 +11,7 @@ from torch import nn
 from relicv2.config import LossConfig
 from relicv2.loss import (
     KL_DIRECTIONS, ReLICv2Loss, byol_pair_loss, contrast_indices, contrast_log_probs, kl_invariance, mean_over_pairs,
-    pair_loss, prepare, relic_v1_loss, relicv2_loss, view_loss, view_pairs,
+    pair_loss, prepare, relic_v1_loss, relicv2_loss, simclr_loss, simclr_pair_loss, view_loss, view_pairs,
 )
 
 
@@ -341,6 +341,21 @@ def test_relic_v1_gradients_shards_and_dispatch():
     assert i.item() == pytest.approx(relicv2_loss(ol, os_, tl, alpha=0.0, n_negatives=None)[0].item(), rel=1e-6)
 
 
+def test_simclr_shards_of_a_batch_add_up_to_its_gradient_with_the_cross_shard_part():
+    """Two simulated ranks' SimCLR losses (their own anchors, every row a key) average to the full loss; their gradients
+    sum to the full batch's only with the part each sends to the other's rows, which gather_with_grad hands back."""
+    torch.manual_seed(0)
+    z = [torch.randn(8, 5, requires_grad=True) for _ in range(3)]
+    full, _ = simclr_loss(z[:2], z[2:], n_negatives=None, tau=0.3)
+    g_full = torch.autograd.grad(full, z)
+    halves = [simclr_loss(z[:2], z[2:], n_negatives=None, tau=0.3, anchors=torch.arange(r * 4, r * 4 + 4))[0] for r in (0, 1)]
+    assert ((halves[0] + halves[1]) / 2).item() == pytest.approx(full.item(), rel=1e-6)
+    g = [torch.autograd.grad(h, z) for h in halves]
+    for k in range(3): torch.testing.assert_close((g[0][k] + g[1][k]) / 2, g_full[k], rtol=1e-5, atol=1e-7)
+    assert g[0][1][4:].abs().sum() > 0  # rank 0's loss reaches rank 1's rows of a large view (keys), unlike relicv2's
+    assert g[0][2][4:].abs().sum() == 0  # a small view is only an anchor: no key role, no cross-shard gradient
+
+
 # ---------------------------------------------------------------- bad input
 X = torch.randn(4, 3)
 BAD = [
@@ -365,14 +380,19 @@ BAD = [
     (lambda: pair_loss(X, X, n_negatives=2, anchors=torch.tensor([[0]])), "anchors"),
     (lambda: pair_loss(X, X, n_negatives=2, anchors=torch.tensor([], dtype=torch.long)), "anchors"),
     (lambda: byol_pair_loss(X, X[:, :2]), "same shape"),
-    (lambda: view_loss("simclr", [X], [], [X]), "objective must be one of 'relicv2', 'infonce', 'byol'"),
+    (lambda: view_loss("supervised", [X], [], [X]), "objective must be one of 'relicv2', 'infonce', 'byol', 'simclr'"),
+    (lambda: view_loss("simclr", [X], [], [X]), "objective 'simclr' compares online views with each other: target_large must be None"),
+    (lambda: view_loss("relicv2", [X], [], None), "objective 'relicv2' needs target_large"),
+    (lambda: view_loss("simclr", [X], [], None), "no view pairs"),
+    (lambda: simclr_pair_loss(X, X, n_negatives=4), r"n_negatives must be None or an int in \[1, 3\]"),
+    (lambda: simclr_pair_loss(X, X[:, :2]), "same shape"),
     (lambda: view_loss("byol", [X], [], [X], tau=0), "tau"),
     (lambda: view_loss("relicv2", [], [], []), "online_large must hold at least one"),
     (lambda: view_loss("relicv2", [X, X], [], [X]), r"target_large must hold one tensor per large view \(L=2\)"),
     (lambda: view_loss("relicv2", X, [], [X]), "online_large must be a list"),
     (lambda: view_loss("byol", [X], [], [X]), "no view pairs"),
     (lambda: relicv2_loss([X], [X[:, :2]], [X], n_negatives=2), "same shape"),
-    (lambda: ReLICv2Loss(objective="simclr"), "objective must be one of"),
+    (lambda: ReLICv2Loss(objective="supervised"), "objective must be one of"),
     (lambda: ReLICv2Loss(kl_direction="both"), "kl_direction"),
     (lambda: ReLICv2Loss.from_config(LossConfig(alpha=-1.0)), "alpha"),
     (lambda: ReLICv2Loss(kl_construction="relic"), "kl_construction must be one of 'anchor_swap', 'relic_v1'"),

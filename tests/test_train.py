@@ -24,9 +24,10 @@ def tiny(out_dir, **kw):
     return update(preset("tiny"), {"train.out_dir": str(out_dir), **kw})
 
 
-def test_two_process_ddp_equals_one_process_on_the_global_batch(tmp_path):
+@pytest.mark.parametrize("objective", ["relicv2", "simclr"])  # simclr: other processes' rows are online negatives, with gradient
+def test_two_process_ddp_equals_one_process_on_the_global_batch(tmp_path, objective):
     over = {**DETERMINISTIC_VIEWS, "loss.n_negatives": "none", "train.sync_bn": "true", "train.ckpt_every": 100,
-            "train.device": "cpu"}
+            "train.device": "cpu", "loss.objective": objective}
     sets = " ".join(f"--set {k}={v}" for k, v in over.items())
     one = subprocess.run([sys.executable, "-c", "import sys; from relicv2.cli import train_main; sys.exit(train_main())",
                           "--preset", "tiny", "--no-eval", "--set", f"train.out_dir={tmp_path / 'one'}", *sets.split()],
@@ -44,7 +45,7 @@ def test_two_process_ddp_equals_one_process_on_the_global_batch(tmp_path):
         assert abs(a["loss"] - b["loss"]) < 1e-4 * max(1, abs(a["loss"])), (a["loss"], b["loss"])
     s1, s2 = (load_checkpoint(list_checkpoints(tmp_path / d)[-1]) for d in ("one", "two"))
     assert s2["world_size"] == 2 and len(s2["rng"]) == 2
-    for name in ("online", "target"):
+    for name in ("online", "target") if objective != "simclr" else ("online",):
         for k, v in s1[name].items():
             if v.is_floating_point():
                 torch.testing.assert_close(s2[name][k], v, rtol=1e-4, atol=1e-5, msg=f"{name}.{k}")
@@ -433,3 +434,53 @@ def test_every_mask_source_of_a_seed_starts_from_the_same_weights(tmp_path):
     ref = first["dataset"]
     for masks, state in first.items():
         assert state.keys() == ref.keys() and all(torch.equal(state[k], ref[k]) for k in ref), masks
+
+
+def test_simclr_step_has_no_target_and_takes_the_gradient_through_both_sides(tmp_path, monkeypatch):
+    "The step's gradient is that of the cross-entropies written out by hand with the keys' gradient kept, not dropped."
+    import copy
+    import torch.nn.functional as F
+    from relicv2.data import collate
+    from relicv2.distributed import DistEnv
+    cfg = tiny(tmp_path, **{"loss.objective": "simclr", "loss.n_negatives": "none"})
+    env = DistEnv()
+    train.seed_everything(cfg.train.seed)
+    ds, n_classes, _ = train.training_set(cfg, env, progress=False)
+    p = train.build_step(cfg, env, n_classes, len(ds) // cfg.train.batch_size)
+    assert p.target is None and p.online.predictor is None and p.criterion.objective == "simclr"
+    monkeypatch.setattr(train, "update_target", lambda *a: pytest.fail("simclr has no EMA"))
+    batch, start, views_state = collate([ds[i] for i in range(16)]), copy.deepcopy(p.online), p.gens["views"].get_state()
+    taken, real_step = {}, p.optimizer.step
+    def recording_step(*a, **k):  # the gradient the step hands to the optimiser
+        taken.update({n: q.grad.clone() for n, q in p.online.named_parameters()}); return real_step(*a, **k)
+    monkeypatch.setattr(p.optimizer, "step", recording_step)
+    train.train_step(p, batch, 0)
+    v = p.views(batch.images, batch.masks, batch.has_mask, generator=torch.Generator().set_state(views_state))  # the same views
+
+    def by_hand(detach_keys: bool) -> dict:
+        net = copy.deepcopy(start)
+        z = [F.normalize(x, dim=1) for x in net(v.large + v.small)]
+        L, y = cfg.views.n_large, torch.arange(16)
+        pairs = [(i, j) for i in range(len(z)) for j in range(L) if i != j]
+        loss = sum(F.cross_entropy(z[i] @ (z[j].detach() if detach_keys else z[j]).T / cfg.loss.tau, y) for i, j in pairs) / len(pairs)
+        loss.backward()
+        return {n: q.grad for n, q in net.named_parameters()}
+    both, anchors_only = by_hand(False), by_hand(True)
+    assert taken.keys() == both.keys() and not any(n.startswith("predictor.") for n in taken)
+    for n, g in taken.items(): torch.testing.assert_close(g, both[n], rtol=1e-4, atol=1e-6, msg=n)
+    proj = [n for n in taken if n.startswith("projector.")]
+    assert max((taken[n] - anchors_only[n]).abs().max().item() for n in proj) > 1e-3  # the keys' share is not negligible
+
+
+def test_simclr_resumes_exactly_and_its_checkpoints_hold_no_target(tmp_path):
+    over = {"loss.objective": "simclr", "train.epochs": 2}
+    ref = fit(tiny(tmp_path / "ref", **over), progress=False)
+    cfg = tiny(tmp_path / "run", **{**over, "train.ckpt_every": 3})
+    fit(cfg, max_steps=3, progress=False)
+    state = load_checkpoint(list_checkpoints(tmp_path / "run")[-1])
+    assert state["step"] == 3 and state["target"] is None and not any(k.startswith("predictor.") for k in state["online"])
+    res = fit(cfg, progress=False)  # resumes from step 3
+    assert res.steps == ref.steps == 8 and res.target_init_share is None
+    for k, v in ref.online.state_dict().items(): assert torch.equal(v, res.online.state_dict()[k]), k
+    rows = [r for r in train.MetricsLog.read(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, 9)) and all("simclr" in r and "ema" not in r for r in rows)
