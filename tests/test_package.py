@@ -22,6 +22,14 @@ def test_readme_matches_index_notebook():
         "README.md drifted from nbs/index.ipynb: run `python scripts/make_readme.py`"
 
 
+def test_readme_claims_table_is_the_generated_one():
+    # the claims table is computed from experiments/claims.yaml and the committed results, never typed (12a_claims)
+    from relicv2.claims import claims_markdown, claims_table
+    table = claims_markdown(claims_table(ROOT))
+    assert table.count("\n") >= 10 and table in (ROOT / "README.md").read_text(encoding="utf-8"), \
+        "the README's claims table is not the one relicv2.claims computes: run the index notebook and make_readme"
+
+
 def test_index_maps_every_notebook():
     index = "".join(c for cell in json.loads((ROOT / "nbs" / "index.ipynb").read_text())["cells"] for c in cell["source"])
     missing = [p.name for p in sorted((ROOT / "nbs").glob("[0-9]*.ipynb")) if f"`{p.name}`" not in index]
