@@ -129,8 +129,11 @@ def _check_batch(n: int, n_negatives: Optional[int]) -> None:
     if n_negatives is not None and n_negatives > n - 1:
         raise ValueError(f"n_negatives must be None or an int in [1, {n - 1}] for this batch of N={n}, got {n_negatives}")
 
+def _detached(terms: dict) -> dict:
+    return {k: v.detach() for k, v in terms.items()}
+
 def _pair_loss(o: Tensor, t: Tensor, p: LossParams, anchors: Optional[Tensor], generator: Optional[torch.Generator]):
-    "`pair_loss` with its knobs already checked (in `p`): what the view grid calls for each of its pairs."
+    "`pair_loss` with its knobs already checked (in `p`), its terms with their graph: what the view grid calls for each pair."
     _check_pair(o, t)
     n = o.shape[0]
     _check_batch(n, p.n_negatives)
@@ -142,7 +145,7 @@ def _pair_loss(o: Tensor, t: Tensor, p: LossParams, anchors: Optional[Tensor], g
         contrastive = -log_p_o[:, 0]  # the positive is column 0
         invariance = kl_invariance(log_p_o, log_p_t, p.kl_direction)
         loss = (contrastive + p.alpha * invariance).mean()
-    return loss, {"contrastive": contrastive.mean().detach(), "invariance": invariance.mean().detach()}
+    return loss, {"contrastive": contrastive.mean(), "invariance": invariance.mean()}  # detached by the public functions
 
 def pair_loss(o: Tensor,  # (N, D) online predictor outputs (normalised inside)
               t: Tensor,  # (N, D) target projections of the same N images (detached and normalised inside)
@@ -152,7 +155,8 @@ def pair_loss(o: Tensor,  # (N, D) online predictor outputs (normalised inside)
               **params,  # `LossParams` fields: tau, alpha, n_negatives, beta, kl_direction
              ) -> tuple[Tensor, dict[str, Tensor]]:  # mean loss over anchors, {'contrastive', 'invariance'} detached
     "ReLICv2 loss of one (online view, target view) pair: InfoNCE over a sampled contrast set + alpha * KL invariance."
-    return _pair_loss(o, t, LossParams(**params), anchors, generator)
+    loss, terms = _pair_loss(o, t, LossParams(**params), anchors, generator)
+    return loss, _detached(terms)
 
 
 # %% ../nbs/05_loss.ipynb #48f41bbe
@@ -204,7 +208,8 @@ def relicv2_loss(online_large: Sequence[Tensor],  # L tensors (N, D): online pre
     p = LossParams(**params)
     if p.kl_construction != "anchor_swap":
         raise ValueError(f"relicv2_loss is the 'anchor_swap' construction; for kl_construction={p.kl_construction!r} use view_loss")
-    return _relicv2_loss(online_large, online_small, target_large, p, anchors, generator)
+    loss, terms = _relicv2_loss(online_large, online_small, target_large, p, anchors, generator)
+    return loss, _detached(terms)
 
 
 # %% ../nbs/05_loss.ipynb #a14e57c4
@@ -227,7 +232,7 @@ def _relic_v1_loss(online_large, online_small, target_large, p: LossParams, anch
         contrastive = torch.stack([-lp[:, 0].mean() for lp in log_p.values()]).mean()
         invariance = torch.stack([kl_invariance(log_p[i, j], log_p[j, i], p.kl_direction).mean()
                                   for i in range(n_large) for j in range(n_large) if i != j]).mean()
-    return contrastive + p.alpha * invariance, {"contrastive": contrastive.detach(), "invariance": invariance.detach()}
+    return contrastive + p.alpha * invariance, {"contrastive": contrastive, "invariance": invariance}  # detached by the callers
 
 def relic_v1_loss(online_large: Sequence[Tensor],  # L >= 2 tensors (N, D): online predictor outputs of the large views
                   online_small: Sequence[Tensor],  # S tensors (N, D): online predictor outputs of the small views
@@ -238,7 +243,8 @@ def relic_v1_loss(online_large: Sequence[Tensor],  # L >= 2 tensors (N, D): onli
                   **params,  # `LossParams` fields: tau, alpha, n_negatives, beta, kl_direction
                  ) -> tuple[Tensor, dict[str, Tensor]]:  # loss, {'contrastive', 'invariance'} detached
     "The multi-crop loss with ReLIC's invariance: KL(p_ij || sg[p_ji]) between the two orderings of large views i != j."
-    return _relic_v1_loss(online_large, online_small, target_large, LossParams(**params), anchors, generator)
+    loss, terms = _relic_v1_loss(online_large, online_small, target_large, LossParams(**params), anchors, generator)
+    return loss, _detached(terms)
 
 # %% ../nbs/05_loss.ipynb #61fc43d9
 def byol_pair_loss(o: Tensor,  # (N, D) online predictor outputs
@@ -319,7 +325,8 @@ def view_loss(objective: str,  # `relicv2`, `infonce` (alpha = 0), `byol` or `si
              ) -> tuple[Tensor, dict[str, Tensor]]:  # loss, averaged terms
     "The multi-crop loss of the chosen objective, averaged over its view pairs."
     _choice("objective", objective, OBJECTIVES)
-    return _view_loss(objective, LossParams(**params), online_large, online_small, target_large, anchors, generator)
+    loss, terms = _view_loss(objective, LossParams(**params), online_large, online_small, target_large, anchors, generator)
+    return loss, _detached(terms)
 
 class ReLICv2Loss(nn.Module):
     "The configured multi-crop objective as a module: `loss, terms = crit(online_large, online_small, target_large)` (None for simclr)."
@@ -336,8 +343,11 @@ class ReLICv2Loss(nn.Module):
         return cls(cfg.objective, **{f: getattr(cfg, f) for f in LossParams.__dataclass_fields__})
 
     def forward(self, online_large: Sequence[Tensor], online_small: Sequence[Tensor], target_large: Optional[Sequence[Tensor]], *,
-                anchors: Optional[Tensor] = None, generator: Optional[torch.Generator] = None) -> tuple[Tensor, dict[str, Tensor]]:
-        return _view_loss(self.objective, self.params, online_large, online_small, target_large, anchors, generator)
+                anchors: Optional[Tensor] = None, generator: Optional[torch.Generator] = None,
+                terms_graph: bool = False,  # True: the terms keep their graph (to differentiate each on its own); else detached
+               ) -> tuple[Tensor, dict[str, Tensor]]:
+        loss, terms = _view_loss(self.objective, self.params, online_large, online_small, target_large, anchors, generator)
+        return loss, terms if terms_graph else _detached(terms)
 
     def extra_repr(self) -> str:
         return f"objective={self.objective!r}, " + ", ".join(f"{k}={v!r}" for k, v in asdict(self.params).items())

@@ -50,18 +50,25 @@ class MetricsLog:
         return rows
 
 def plot_metrics(path: str | Path, out: str | Path | None = None, title: str = ""):
-    "Plot loss terms and kNN monitor accuracy of a metrics file; save a PNG to `out` if given."
+    "Plot loss terms, their gradient norms at the encoder (`train.trace_terms`) and kNN monitor accuracy of a metrics file; save a PNG to `out` if given."
     import matplotlib; import matplotlib.pyplot as plt
     rows = MetricsLog.read(path)
     train = [r for r in rows if "loss" in r]; mon = [r for r in rows if "knn_top1" in r]
-    fig, axes = plt.subplots(1, 2 if mon else 1, figsize=(8 if mon else 4.5, 3), dpi=80, squeeze=False)
+    traced = [r for r in train if "grad_norm_contrastive" in r]
+    n = 1 + bool(traced) + bool(mon)
+    fig, axes = plt.subplots(1, n, figsize=(4.5 + 3.5 * (n - 1), 3), dpi=80, squeeze=False)
     ax = axes[0, 0]
-    for k in ("loss", "contrastive", "invariance", "byol", "cross_entropy"):
+    for k in ("loss", "contrastive", "invariance", "byol", "simclr", "cross_entropy"):
         if train and k in train[0]: ax.plot([r["step"] for r in train], [r[k] for r in train], label=k)
     ax.set_xlabel("step"); ax.set_title(title or "training loss"); ax.legend()
+    if traced:
+        ax = axes[0, 1]
+        for k, label in (("grad_norm_contrastive", "contrastive"), ("grad_norm_invariance", "alpha x invariance")):
+            ax.plot([r["step"] for r in traced], [r[k] for r in traced], label=label)
+        ax.set_yscale("log"); ax.set_xlabel("step"); ax.set_title("gradient norm at the encoder"); ax.legend()
     if mon:
-        axes[0, 1].plot([r["step"] for r in mon], [r["knn_top1"] for r in mon], "o-")
-        axes[0, 1].set_xlabel("step"); axes[0, 1].set_title("kNN monitor top-1 (%)")
+        axes[0, -1].plot([r["step"] for r in mon], [r["knn_top1"] for r in mon], "o-")
+        axes[0, -1].set_xlabel("step"); axes[0, -1].set_title("kNN monitor top-1 (%)")
     fig.tight_layout()
     if out is not None: fig.savefig(out); plt.close(fig)
     return fig

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from .config import RunConfig, save_config, to_dict
+from .config import ConfigError, RunConfig, save_config, to_dict
 from .evaluate import monitor  # the kNN learning curve (10_eval)
 from . import data as rdata
 from .checkpoint import (CheckpointError, ResumableSampler, check_resumable, list_checkpoints,
@@ -38,9 +38,9 @@ from .progress import Progress, ProgressArg, announce
 from .views import ViewGenerator
 
 # %% auto #0
-__all__ = ['TrainingDiverged', 'non_finite', 'RunResult', 'RunInterrupted', 'StopSignals', 'stop_requested', 'StepParts',
-           'build_step', 'train_step', 'training_set', 'make_loader', 'batches_from', 'resume_state',
-           'write_checkpoint', 'StepLog', 'fit']
+__all__ = ['TRACE_OBJECTIVES', 'TrainingDiverged', 'non_finite', 'RunResult', 'RunInterrupted', 'StopSignals', 'stop_requested',
+           'StepParts', 'check_trace_terms', 'build_step', 'train_step', 'trace_terms', 'training_set', 'make_loader',
+           'batches_from', 'resume_state', 'write_checkpoint', 'StepLog', 'fit']
 
 # %% ../nbs/09_train.ipynb #be5d9234
 class TrainingDiverged(RuntimeError):
@@ -134,6 +134,14 @@ class StepParts:
     gens: dict  # this process's 'views' and 'loss' generators
     b: int  # this process's share of the batch
 
+TRACE_OBJECTIVES = ("relicv2",)  # the objectives whose loss has both a contrastive and an invariance term to trace
+
+def check_trace_terms(cfg: RunConfig) -> None:
+    "Refuse `train.trace_terms=true` where the objective lacks one of the two terms (a ratio of one term to nothing)."
+    if cfg.train.trace_terms and cfg.loss.objective not in TRACE_OBJECTIVES:
+        raise ConfigError(f"train.trace_terms=true needs loss.objective {' or '.join(map(repr, TRACE_OBJECTIVES))} (a contrastive and an "
+                          f"invariance term to compare), got loss.objective={cfg.loss.objective!r}; set train.trace_terms=false")
+
 def build_step(cfg: RunConfig,  # the run
                env: DistEnv,  # this process
                n_classes: int,  # classes of the training set (the supervised baseline's output size; 0: unlabelled)
@@ -141,6 +149,7 @@ def build_step(cfg: RunConfig,  # the run
               ) -> StepParts:
     "The networks, loss, optimiser, schedules and generators of a run, on its device, in the order `fit` seeds them."
     tc, dev = cfg.train, env.device
+    check_trace_terms(cfg)
     views = ViewGenerator.from_config(cfg.views)
     objective = cfg.loss.objective
     online, target = build_networks(cfg.encoder, cfg.heads, predictor=objective != "simclr")
@@ -168,6 +177,7 @@ def train_step(p: StepParts,  # from `build_step`
                batch: rdata.Batch,  # this process's images (uint8), masks and labels, on the device
                step: int,  # index into the schedules
                mark: Optional[Callable[[str], None]] = None,  # called with 'views', 'forward', 'loss', 'backward', 'optimizer', 'ema'
+               trace: bool = False,  # also each term's gradient norm at the encoder (`trace_terms`); the step is the same
               ) -> tuple[torch.Tensor, dict, torch.Tensor]:  # loss averaged over processes (0-dim), its terms, (L, b) masked views
     "One optimisation step: views, forward passes, loss, finiteness check, backward, optimiser step, EMA."
     mark, dev, env = mark or _no_mark, p.env.device, p.env
@@ -188,11 +198,12 @@ def train_step(p: StepParts,  # from `build_step`
         t = _stack_gather(t_out, with_grad=False) if p.target is not None else None  # simclr: the online views are the keys
         anchors = torch.arange(env.rank * p.b, (env.rank + 1) * p.b, device=dev) if env.distributed else None
         L = p.cfg.views.n_large
-        loss, terms = p.criterion(o[:L], o[L:], t, anchors=anchors, generator=p.gens["loss"])
+        loss, terms = p.criterion(o[:L], o[L:], t, anchors=anchors, generator=p.gens["loss"], terms_graph=trace)
     # stop on divergence before the optimiser touches the weights; every process agrees
     check = loss.detach().float().clone()
     if env.distributed: dist.all_reduce(check); check /= env.world_size
     if not torch.isfinite(check): raise TrainingDiverged(f"loss became {check.item()} at step {step}")
+    if trace: terms = {**{k: v.detach() for k, v in terms.items()}, **trace_terms(p, terms["contrastive"], terms["invariance"])}
     mark("loss")
     p.optimizer.zero_grad(set_to_none=True)
     if p.scaler is None:
@@ -204,6 +215,24 @@ def train_step(p: StepParts,  # from `build_step`
         update_target(p.target, p.online.without_predictor(), p.momenta[step])
     mark("ema")
     return check, terms, v.masked
+
+# %% ../nbs/09_train.ipynb #9a0000d2
+def trace_terms(p: StepParts,  # the run's parts (an objective of `TRACE_OBJECTIVES`)
+                contrastive: torch.Tensor,  # 0-dim mean contrastive term of this step, with its graph
+                invariance: torch.Tensor,  # 0-dim mean invariance term of this step (without alpha), with its graph
+               ) -> dict[str, torch.Tensor]:  # 0-dim grad_norm_contrastive, grad_norm_invariance and grad_ratio
+    "L2 norms over the encoder's parameters of the gradients of the contrastive term and of alpha x the invariance term."
+    params = [q for q in p.online.encoder.parameters() if q.requires_grad]
+    scale = float(p.scaler.get_scale()) if p.scaler is not None else 1.0  # fp16: at the step's scale, unscaled after
+    out = {}
+    for name, term in (("contrastive", contrastive), ("invariance", p.criterion.params.alpha * invariance)):
+        grads = torch.autograd.grad(term * scale, params, retain_graph=True, allow_unused=True, materialize_grads=True)
+        flat = torch.cat([g.flatten().float() for g in grads]) / scale  # into no .grad: the step's own backward is untouched
+        if p.env.distributed: dist.all_reduce(flat); flat /= p.env.world_size  # the global batch's gradient, as DDP averages it
+        out[f"grad_norm_{name}"] = flat.norm()
+    out["grad_ratio"] = out["grad_norm_invariance"] / out["grad_norm_contrastive"]
+    return out
+
 
 # %% ../nbs/09_train.ipynb #9b000002
 def training_set(cfg: RunConfig,  # the run
@@ -318,11 +347,15 @@ class StepLog:
         "The batch is on the device."
         self.wait += time.perf_counter() - self.t_wait
 
+    def due(self, step: int, end: int) -> bool:
+        "Whether step `step` (counted from 1) of a run ending at `end` writes a row: every `log_every`-th, and the last."
+        return step % self.p.cfg.train.log_every == 0 or step == end
+
     def step(self, step: int, epoch: int, loss: float, terms: dict, masked: torch.Tensor, end: int):
         "Step `step` (counted from 1) is done; write a row if one is due."
         tc = self.p.cfg.train
         if self.masks: self.masked = self.masked + masked.sum()  # large views with background removed
-        if step % tc.log_every and step != end: return
+        if not self.due(step, end): return
         now = time.perf_counter(); dt = now - self.t_last; self.t_last = now
         n = tc.log_every if step % tc.log_every == 0 else step % tc.log_every  # steps in this interval
         extra = {"masked_views": float(self.masked) / (n * self.p.b * self.p.cfg.views.n_large)} if self.masks else {}
@@ -349,6 +382,7 @@ def fit(cfg: RunConfig,  # the whole run, e.g. `preset("demo")`
         raise ValueError("train.precision='fp16' needs a CUDA device; use 'bf16' or 'fp32' on the CPU")
     if tc.tune_malloc and env.device.type == "cpu": tune_malloc()  # keep the big temporaries mapped between steps
     run_dir, main = Path(tc.out_dir), env.is_main
+    check_trace_terms(cfg)  # before the data, which can take a while
     seed_everything(tc.seed)  # the same initial weights on every process
     # ---------------- data ----------------
     dataset, n_classes, n_with_mask = training_set(cfg, env, progress)
@@ -378,7 +412,8 @@ def fit(cfg: RunConfig,  # the whole run, e.g. `preset("demo")`
     with StopSignals() as stop:  # SIGTERM / Ctrl-C: finish the step, write a checkpoint, stop (see above)
         for epoch, batch in batches_from(loader, sampler, step, end, steps_per_epoch):
             batch = batch.to(env.device, non_blocking=True); meter.arrived()
-            try: check, terms, masked = train_step(p, batch, step)  # the paper's step (see above)
+            trace = tc.trace_terms and meter.due(step + 1, end)  # the terms' gradient norms, at the steps that write a row
+            try: check, terms, masked = train_step(p, batch, step, trace=trace)  # the paper's step (see above)
             except TrainingDiverged as e:  # nothing was stepped: the last checkpoint is good
                 raise TrainingDiverged(f"{e}; the last good checkpoint is {_last_good(ckpt)}") from None
             step += 1

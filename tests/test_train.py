@@ -27,7 +27,7 @@ def tiny(out_dir, **kw):
 @pytest.mark.parametrize("objective", ["relicv2", "simclr"])  # simclr: other processes' rows are online negatives, with gradient
 def test_two_process_ddp_equals_one_process_on_the_global_batch(tmp_path, objective):
     over = {**DETERMINISTIC_VIEWS, "loss.n_negatives": "none", "train.sync_bn": "true", "train.ckpt_every": 100,
-            "train.device": "cpu", "loss.objective": objective}
+            "train.device": "cpu", "loss.objective": objective, "train.trace_terms": objective == "relicv2"}
     sets = " ".join(f"--set {k}={v}" for k, v in over.items())
     one = subprocess.run([sys.executable, "-c", "import sys; from relicv2.cli import train_main; sys.exit(train_main())",
                           "--preset", "tiny", "--no-eval", "--set", f"train.out_dir={tmp_path / 'one'}", *sets.split()],
@@ -43,6 +43,8 @@ def test_two_process_ddp_equals_one_process_on_the_global_batch(tmp_path, object
     assert [r["step"] for r in rows[0]] == [r["step"] for r in rows[1]] == [1, 2, 3, 4]
     for a, b in zip(*rows):
         assert abs(a["loss"] - b["loss"]) < 1e-4 * max(1, abs(a["loss"])), (a["loss"], b["loss"])
+        for k in ("grad_norm_contrastive", "grad_norm_invariance") if objective == "relicv2" else ():  # the global batch's
+            assert abs(a[k] - b[k]) < 1e-4 * a[k], (k, a[k], b[k])
     s1, s2 = (load_checkpoint(list_checkpoints(tmp_path / d)[-1]) for d in ("one", "two"))
     assert s2["world_size"] == 2 and len(s2["rng"]) == 2
     for name in ("online", "target") if objective != "simclr" else ("online",):
@@ -484,3 +486,27 @@ def test_simclr_resumes_exactly_and_its_checkpoints_hold_no_target(tmp_path):
     for k, v in ref.online.state_dict().items(): assert torch.equal(v, res.online.state_dict()[k]), k
     rows = [r for r in train.MetricsLog.read(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in rows] == list(range(1, 9)) and all("simclr" in r and "ema" not in r for r in rows)
+
+
+def test_trace_terms_logs_the_gradient_norms_and_leaves_the_weights_bit_identical(tmp_path):
+    states, rows = {}, {}
+    for on in (False, True):
+        cfg = tiny(tmp_path / str(on), **{"train.trace_terms": on, "train.log_every": 2, "train.epochs": 2, "train.ckpt_every": 100})
+        fit(cfg, max_steps=5, progress=False)
+        states[on] = load_checkpoint(list_checkpoints(tmp_path / str(on))[-1])
+        rows[on] = [r for r in train.MetricsLog.read(tmp_path / str(on) / "metrics.jsonl") if "loss" in r]
+    for net in ("online", "target"):
+        for k, v in states[False][net].items(): assert torch.equal(v, states[True][net][k]), f"{net}.{k}"
+    cols = {"grad_norm_contrastive", "grad_norm_invariance", "grad_ratio"}
+    assert [r["step"] for r in rows[True]] == [r["step"] for r in rows[False]] == [2, 4, 5]
+    assert all(cols <= r.keys() and r["grad_norm_contrastive"] > 0 and r["grad_norm_invariance"] > 0 for r in rows[True])
+    assert not any(cols & r.keys() for r in rows[False])
+    assert [r["loss"] for r in rows[True]] == [r["loss"] for r in rows[False]]
+
+
+@pytest.mark.parametrize("objective", ["infonce", "byol", "simclr", "supervised"])
+def test_trace_terms_is_refused_for_an_objective_without_both_terms(tmp_path, objective):
+    from relicv2.config import ConfigError
+    with pytest.raises(ConfigError, match=f"train.trace_terms=true needs loss.objective 'relicv2'.*got loss.objective='{objective}'"):
+        fit(tiny(tmp_path, **{"train.trace_terms": True, "loss.objective": objective}), progress=False)
+    assert not (tmp_path / "checkpoints").exists()  # refused before anything was built or written
