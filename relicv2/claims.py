@@ -58,10 +58,11 @@ def claim_row(root: Path, test: dict) -> dict:
         return {**row, "measured": "planned", "verdict": "not tested yet"}
     a, b, split = test["comparison"]
     rows, meta = _results(root, test["table"])
-    d = paired(rows, a, b, split, test.get("metric", "linear_top1"))
-    if b == "raw-pixels" and not d:  # the raw pixels have no seed: one value read against every seed
-        base = [r["linear_top1"] for r in rows if r["variant"] == b and r["split"] == split][0]
-        d = {r["seed"]: r["linear_top1"] - base for r in rows if r["variant"] == a and r["split"] == split}
+    metric = test.get("metric", "linear_top1")
+    if b == "raw-pixels":  # measured once, at the first seed (it has no random draw): read against every seed of A
+        base = [r[metric] for r in rows if r["variant"] == b and r["split"] == split][0]
+        d = {r["seed"]: r[metric] - base for r in rows if r["variant"] == a and r["split"] == split}
+    else: d = paired(rows, a, b, split, metric)
     return {**row, "budget": budget(root, meta, a), "evidence": f"exploratory ({test['table']})",
             "measured": _interval(list(d.values())), "verdict": "no verdict (exploratory)"}
 
