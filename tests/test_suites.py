@@ -1,0 +1,48 @@
+"""The evaluation suites of `eval.suites` (relicv2.robustness, low_label, transfer, dense) and `data.classes`:
+entry points, determinism, and the properties a lesson page shows badly; tiny encoders, seconds each."""
+import json
+
+import pytest
+import torch
+
+from relicv2.config import preset, update
+from relicv2.evaluate import baseline_encoder
+
+
+def tiny(**overrides):
+    "The tiny preset with the L-BFGS probe (the CPU presets' solver)."
+    return update(preset("tiny"), {"eval.linear_solver": "lbfgs", **overrides})
+
+
+def floats_only(res: dict, splits) -> bool:
+    "Every metric of every split is a plain float, and the whole result is strict JSON."
+    json.dumps(res, allow_nan=False)
+    return all(type(v) is float for s in splits for v in res[s].values())
+
+
+# ---------------- robustness ----------------
+
+def test_corruptions_identity_at_severity_0_deterministic_and_seeded():
+    from relicv2.robustness import CORRUPTIONS, SEVERITIES, corrupt
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (6, 3, 24, 24), dtype=torch.uint8, generator=g)
+    for name in CORRUPTIONS:
+        assert torch.equal(corrupt(x, name, 0), x), name
+        for s in range(1, SEVERITIES + 1):
+            y = corrupt(x, name, s)
+            assert y.dtype == torch.uint8 and y.shape == x.shape and not torch.equal(y, x), (name, s)
+            assert torch.equal(y, corrupt(x.clone(), name, s)), (name, s)  # the same pixels every time
+    for name in ("gaussian_noise", "shot_noise", "impulse_noise", "motion_blur", "elastic"):  # the ones that draw
+        assert not torch.equal(corrupt(x, name, 3, seed=0), corrupt(x, name, 3, seed=1)), name
+
+
+def test_robustness_suite_is_deterministic_and_plain():
+    from relicv2.robustness import CORRUPTIONS, SEVERITIES, robustness_suite
+    cfg = tiny()
+    runs = [robustness_suite(baseline_encoder("random-init", cfg), cfg, ("test_ood",), eval_images=40) for _ in range(2)]
+    assert runs[0] == runs[1]
+    r = runs[0]["test_ood"]
+    assert set(r) == {"clean", "mean_corrupted", "relative_drop"} | {f"{n}_s{s}" for n in CORRUPTIONS for s in range(1, SEVERITIES + 1)}
+    assert floats_only(runs[0], ("test_ood",)) and runs[0]["info"]["eval_images"] == {"test_ood": 40}
+    assert r["mean_corrupted"] == pytest.approx(sum(v for k, v in r.items() if "_s" in k) / (len(CORRUPTIONS) * SEVERITIES))
+
