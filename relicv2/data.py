@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 # %% auto #0
 __all__ = ['DATASETS', 'Batch', 'collate', 'resize_center_crop', 'TensorImages', 'dataset_splits', 'make_dataset', 'mask_count',
-           'from_config']
+           'parse_classes', 'item_labels', 'ClassSubset', 'from_config']
 
 # %% ../nbs/01_data.ipynb #7cab4bcb
 class Batch(NamedTuple):
@@ -159,6 +159,55 @@ def mask_count(ds: Dataset) -> Optional[int]:
     if isinstance(has_mask, Tensor): return int(has_mask[idx].sum())
     return 0 if n == 0 else len(idx) if n == len(inner) else None
 
+# %% ../nbs/01_data.ipynb #c1a55e02
+def parse_classes(spec: str,  # 'CLASS' or 'FIRST-LAST' parts joined by commas: '0-4', '5,6,7,8,9', '0,2,5-7'
+                  n_classes: int,  # classes of the dataset
+                 ) -> tuple[int, ...]:  # distinct class indexes, increasing
+    "The class indexes a `data.classes` string names, checked against the dataset's number of classes."
+    keep = set()
+    for part in str(spec).split(","):
+        first, _, last = part.strip().partition("-")
+        try: a, b = int(first), int(last or first)
+        except ValueError: raise ValueError(f"data.classes must be class indexes and ranges like '0-4' or '0,2,5-7', got {spec!r}") from None
+        if a > b: raise ValueError(f"data.classes has the range {part.strip()!r}, which runs backwards (write {b}-{a})")
+        keep.update(range(a, b + 1))
+    if not keep or min(keep) < 0 or max(keep) >= n_classes:
+        raise ValueError(f"data.classes must name classes in 0..{n_classes - 1} (the dataset has {n_classes}), got {spec!r}")
+    return tuple(sorted(keep))
+
+def item_labels(ds: Dataset) -> Tensor:
+    "The label of every item of `ds` (N,), read from its `labels` or `samples` where it keeps them, else item by item."
+    labels = getattr(ds, "labels", None)
+    if isinstance(labels, Tensor) and len(labels) == len(ds): return labels.long()
+    samples = getattr(ds, "samples", None)  # an image folder: (path, label, mask path) per item
+    if samples is not None and len(samples) == len(ds): return torch.tensor([s[1] for s in samples], dtype=torch.int64)
+    return torch.tensor([int(ds[i][2]) for i in range(len(ds))], dtype=torch.int64)
+
+class ClassSubset(Dataset):
+    "The items of `dataset` whose label is one of `class_ids`, relabelled 0..k-1 in the order of `class_ids`."
+    def __init__(self, dataset: Dataset,  # yields (image, mask, label)
+                 class_ids: tuple,  # old labels to keep; new label i is class_ids[i]
+                ):
+        labels = item_labels(dataset)
+        if (labels < 0).any():
+            raise ValueError(f"data.classes keeps items by their label, but {int((labels < 0).sum())} items of this split have none (-1)")
+        self.dataset, self.class_ids = dataset, tuple(int(c) for c in class_ids)
+        new = torch.full((max(int(labels.max()) if len(labels) else 0, *self.class_ids) + 1,), -1, dtype=torch.int64)
+        new[list(self.class_ids)] = torch.arange(len(self.class_ids))
+        self.indices = (new[labels] >= 0).nonzero()[:, 0]  # (k items,) positions in `dataset`, increasing
+        self.labels = new[labels[self.indices]]
+        names = getattr(dataset, "classes", None)
+        self.classes = [names[c] for c in self.class_ids] if names else None
+        has_mask = getattr(dataset, "has_mask", None)
+        self.has_mask = has_mask[self.indices] if isinstance(has_mask, Tensor) else None
+        self.n_masks = mask_count(torch.utils.data.Subset(dataset, self.indices.tolist()))
+
+    def __len__(self): return len(self.indices)
+
+    def __getitem__(self, i: int):
+        image, mask, _ = self.dataset[int(self.indices[i])]
+        return image, mask, int(self.labels[i])
+
 # %% ../nbs/01_data.ipynb #a673867d
 def from_config(data_cfg,  # a `relicv2.config.DataConfig`
                 split: str,  # the split to build
@@ -166,7 +215,7 @@ def from_config(data_cfg,  # a `relicv2.config.DataConfig`
                 progress=None,  # how computed masks (`data.masks`) report progress: see `relicv2.progress.progress_mode`
                 **kw,  # extra constructor arguments (override the config's, image_size included)
                ) -> Dataset:
-    "The dataset a `DataConfig` describes, with the masks `data_cfg.masks` names (see `relicv2.mask_tree.SaliencyMasked`)."
+    "The dataset a `DataConfig` describes: only the classes `data_cfg.classes` keeps, with the masks `data_cfg.masks` names."
     scheme, source = data_cfg.dataset.partition(":")[0], getattr(data_cfg, "masks", "dataset")
     if scheme == "imagefolder" and masks and source not in ("dataset", "none"):
         raise ValueError(f"data.masks={source!r} computes masks in memory, for generated and in-memory datasets; for an image folder "
@@ -177,6 +226,9 @@ def from_config(data_cfg,  # a `relicv2.config.DataConfig`
               **({"n": data_cfg.synthetic_train} if split == "train" else {}), **kw}
     image_size = kw.pop("image_size", data_cfg.image_size)  # None: the images at their own size
     ds = make_dataset(data_cfg.dataset, split, image_size=image_size, **kw)
+    if getattr(data_cfg, "classes", None):  # the same classes in every split, relabelled 0..k-1 (see above)
+        if not getattr(ds, "classes", None): raise ValueError(f"data.classes needs a dataset with named classes; {data_cfg.dataset!r} has none")
+        ds = ClassSubset(ds, parse_classes(data_cfg.classes, len(ds.classes)))
     if masks and source != "dataset" and scheme != "imagefolder":
         from relicv2.mask_tree import SaliencyMasked  # imported here: relicv2.mask_tree builds on this module
         ds = SaliencyMasked(ds, source, progress=progress)

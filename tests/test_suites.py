@@ -46,3 +46,25 @@ def test_robustness_suite_is_deterministic_and_plain():
     assert floats_only(runs[0], ("test_ood",)) and runs[0]["info"]["eval_images"] == {"test_ood": 40}
     assert r["mean_corrupted"] == pytest.approx(sum(v for k, v in r.items() if "_s" in k) / (len(CORRUPTIONS) * SEVERITIES))
 
+
+# ---------------- data.classes ----------------
+
+def test_data_classes_keeps_the_same_classes_in_every_split_relabelled():
+    from relicv2.data import dataset_splits, from_config, item_labels
+    cfg = tiny(**{"data.classes": "2,5-6"})
+    whole = update(cfg, {"data.classes": None})
+    for split in dataset_splits(cfg.data.dataset):
+        kept, full = from_config(cfg.data, split, masks=False), from_config(whole.data, split, masks=False)
+        old = item_labels(full)
+        rows = torch.isin(old, torch.tensor([2, 5, 6])).nonzero()[:, 0]
+        assert kept.classes == [full.classes[c] for c in (2, 5, 6)] and len(kept) == len(rows) > 0, split
+        assert item_labels(kept).tolist() == [{2: 0, 5: 1, 6: 2}[int(c)] for c in old[rows]], split
+        assert all(torch.equal(kept[i][0], full[int(r)][0]) for i, r in enumerate(rows[:20])), split  # the same images
+
+
+def test_training_sees_data_classes(tmp_path):
+    from relicv2.train import fit
+    cfg = tiny(**{"data.classes": "0-4", "loss.objective": "supervised", "train.out_dir": str(tmp_path)})
+    res = fit(cfg, max_steps=1, progress=False)
+    assert res.online.classifier.out_features == 5  # the supervised head has the kept classes only
+
