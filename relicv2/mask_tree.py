@@ -26,13 +26,14 @@ from .saliency import binarize, clean_mask, resize
 from .saliency_metrics import format_table
 from .deepusps import METHODS, SaliencyUNet, _batches, masks_at_size, evaluate_folder, evaluate_methods
 from .deepusps import train_deepusps, save_deepusps, load_deepusps
+from .mask_controls import CONTROLS, control_masks, parse_control
 
 # %% auto #0
 __all__ = ['MASK_SOURCES', 'MANIFEST', 'LOG', 'SaliencyMasked', 'list_images', 'check_folders', 'mask_path', 'save_png_atomic',
            'write_masks', 'load_training_images', 'saliency_command']
 
 # %% ../nbs/03c_mask_tree.ipynb #sm01a0e2
-MASK_SOURCES = ("dataset", "none", *(m for m in METHODS if m != "deepusps"), "deepusps:WEIGHTS")  # values of data.masks
+MASK_SOURCES = ("dataset", "none", *(m for m in METHODS if m != "deepusps"), "deepusps:WEIGHTS", *CONTROLS)  # values of data.masks
 
 def _mask_source(source: str) -> tuple[Optional[str], Optional[SaliencyUNet]]:
     "(method, model) for a `data.masks` value other than 'dataset': (None, None) for 'none'."
@@ -42,17 +43,21 @@ def _mask_source(source: str) -> tuple[Optional[str], Optional[SaliencyUNet]]:
     raise ValueError(f"data.masks must be one of {', '.join(MASK_SOURCES)}, got {source!r}")
 
 class SaliencyMasked(torch.utils.data.Dataset):
-    "A dataset of `(image, mask, label)` whose masks are saliency masks computed from its images alone, once, at construction."
+    "A dataset of `(image, mask, label)` whose masks are computed once, at construction: saliency masks from its images alone, or a control of its own masks."
     def __init__(self, dataset,  # any dataset of `(image uint8 (3, H, W), mask or None, label)`
-                 source: str,  # 'none', a classical method name, or 'deepusps:WEIGHTS'
+                 source: str,  # 'none', a classical method name, 'deepusps:WEIGHTS', or a control: 'wrong', 'degraded:IOU' (03d_mask_controls)
                  size: Optional[int] = None,  # working resolution (None: the model's own, or 64)
                  batch_size: int = 256, threshold="otsu", clean: int = 3, min_coverage: float = 0.01, max_coverage: float = 0.95,
                  progress: ProgressArg = None,  # a bar, lines in a log, or nothing (see `relicv2.progress.progress_mode`)
                 ):
-        method, model = _mask_source(source)
+        control = parse_control(source) is not None  # computed from the dataset's own masks, not from its pixels
+        method, model = (None, None) if control else _mask_source(source)
         self.dataset, self.source, self.classes = dataset, source, getattr(dataset, "classes", None)
         n = len(dataset)
         self.masks, self.has_mask = [None] * n, torch.zeros(n, dtype=torch.bool)
+        if control:
+            self.masks, stats = control_masks(dataset, source)
+            self.has_mask = torch.tensor([m is not None for m in self.masks], dtype=torch.bool)
         if method is not None:
             size = size or (model.config["size"] if model is not None else 64)
             with Progress(n, f"saliency masks ({method})", progress, unit="image", lines=10) as bar:
@@ -64,7 +69,9 @@ class SaliencyMasked(torch.utils.data.Dataset):
         self.n_masks = int(self.has_mask.sum())
         fg = [m.float().mean().item() for m in self.masks if m is not None]
         self.summary = (f"data.masks={source}: {self.n_masks} of {n} images have a mask"
-                        + (f", mean foreground fraction {sum(fg) / len(fg):.3f}" if fg else ""))
+                        + (f", mean foreground fraction {sum(fg) / len(fg):.3f}" if fg else "")
+                        + (f"; against the dataset's own masks: mean IoU {stats['iou']:.3f}, mean area ratio {stats['area_ratio']:.3f}"
+                           if control else ""))
 
     def __len__(self): return len(self.dataset)
 

@@ -389,7 +389,8 @@ def test_cli_trains_on_and_evaluates_a_generated_dataset(tmp_path):
     assert rec["training"]["data"] == "spurious" and rec["training"]["images"] == 16 and rec["evaluation"]["reference"] == "spurious"
     assert rec["threads"] >= 1 and rec["cpus"] >= 1 and rec["finished"].endswith("UTC")  # where and when it was measured
     assert set(rec["evaluation"]["results"]) == {"spectral", "deepusps"}
-    assert all(v["images"] == 2000 for v in rec["evaluation"]["results"].values())  # the whole generated test split
+    from relicv2.spurious import SPLIT_SIZES
+    assert all(v["images"] == SPLIT_SIZES["test"] for v in rec["evaluation"]["results"].values())  # the whole generated test split
 
 
 @pytest.mark.parametrize("args, needle", [

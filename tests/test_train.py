@@ -428,7 +428,7 @@ def test_every_mask_source_of_a_seed_starts_from_the_same_weights(tmp_path):
     "fit's networks draw the same initial weights whatever data.masks builds (a DeepUSPS-lite U-Net draws from torch's RNG)."
     weights = _tiny_deepusps(tmp_path / "unet.pt")
     first = {}
-    for masks in ("dataset", "none", "border", f"deepusps:{weights}"):
+    for masks in ("dataset", "none", "border", f"deepusps:{weights}", "wrong", "degraded:0.7"):
         cfg = tiny(tmp_path / masks.replace("/", "_"), **{"data.dataset": "spurious", "data.masks": masks, "views.mask_prob": 0.5})
         res = fit(cfg, max_steps=0, progress=False)  # fit's own order: seed, training set, networks; no step
         assert res.steps == 0
