@@ -137,10 +137,13 @@ class StepParts:
 TRACE_OBJECTIVES = ("relicv2",)  # the objectives whose loss has both a contrastive and an invariance term to trace
 
 def check_trace_terms(cfg: RunConfig) -> None:
-    "Refuse `train.trace_terms=true` where the objective lacks one of the two terms (a ratio of one term to nothing)."
+    "Refuse `train.trace_terms=true` where the objective lacks one of the two terms, or under `torch.compile`."
     if cfg.train.trace_terms and cfg.loss.objective not in TRACE_OBJECTIVES:
         raise ConfigError(f"train.trace_terms=true needs loss.objective {' or '.join(map(repr, TRACE_OBJECTIVES))} (a contrastive and an "
                           f"invariance term to compare), got loss.objective={cfg.loss.objective!r}; set train.trace_terms=false")
+    if cfg.train.trace_terms and cfg.train.compile:  # its backward frees ("donates") buffers: no second pass over one graph
+        raise ConfigError("train.trace_terms=true needs train.compile=false: the terms' gradients reuse the step's graph, "
+                          "which a torch.compile'd backward cannot be run over twice")
 
 def build_step(cfg: RunConfig,  # the run
                env: DistEnv,  # this process

@@ -504,9 +504,11 @@ def test_trace_terms_logs_the_gradient_norms_and_leaves_the_weights_bit_identica
     assert [r["loss"] for r in rows[True]] == [r["loss"] for r in rows[False]]
 
 
-@pytest.mark.parametrize("objective", ["infonce", "byol", "simclr", "supervised"])
-def test_trace_terms_is_refused_for_an_objective_without_both_terms(tmp_path, objective):
+@pytest.mark.parametrize("objective", ["infonce", "byol", "simclr", "supervised", "relicv2 compiled"])
+def test_trace_terms_is_refused_for_an_objective_without_both_terms_and_under_compile(tmp_path, objective):
     from relicv2.config import ConfigError
-    with pytest.raises(ConfigError, match=f"train.trace_terms=true needs loss.objective 'relicv2'.*got loss.objective='{objective}'"):
-        fit(tiny(tmp_path, **{"train.trace_terms": True, "loss.objective": objective}), progress=False)
+    over = {"train.trace_terms": True, "loss.objective": objective.split()[0], "train.compile": objective.endswith("compiled")}
+    needle = "needs train.compile=false" if over["train.compile"] else f"needs loss.objective 'relicv2'.*got loss.objective='{objective}'"
+    with pytest.raises(ConfigError, match=f"train.trace_terms=true {needle}"):
+        fit(tiny(tmp_path, **over), progress=False)
     assert not (tmp_path / "checkpoints").exists()  # refused before anything was built or written
