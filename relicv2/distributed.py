@@ -20,12 +20,15 @@ __all__ = ['resolve_device', 'DistEnv', 'init_distributed', 'shutdown_distribute
 
 # %% ../nbs/08_distributed.ipynb #fcca5331
 def resolve_device(name: str = "auto") -> torch.device:
-    "`auto` is the first CUDA device when there is one, else the CPU; `cpu`, `cuda` and `cuda:N` are taken as given."
+    "`auto` is CUDA when there is a CUDA device, else the CPU; `cpu`, `cuda` and `cuda:N` are taken as given (checked)."
     if name == "auto": return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try: dev = torch.device(name)
     except RuntimeError: raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} was asked for, but torch sees no CUDA device; use device='cpu' or 'auto'")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r} was asked for, but torch sees {torch.cuda.device_count()} CUDA device(s): "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return dev
 
 @dataclass
@@ -41,16 +44,16 @@ class DistEnv:
     def distributed(self) -> bool: return self.world_size > 1
 
 # %% ../nbs/08_distributed.ipynb #c7d54898
-def init_distributed(device: str = "auto",  # `auto`, `cpu`, `cuda`; under torchrun each process takes cuda:LOCAL_RANK
+def init_distributed(device: str = "auto",  # `auto`, `cpu`, `cuda` or `cuda:N`; `auto`/`cuda` under torchrun: cuda:LOCAL_RANK
                      timeout_s: float = 600.0,  # a collective that waits longer fails
                     ) -> DistEnv:
     "Read torchrun's environment, start the process group if there is more than one process, and pick the device."
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device)
-    if dev.type == "cuda" and dev.index is None and world > 1:
-        dev = torch.device("cuda", local)
-    if dev.type == "cuda": torch.cuda.set_device(dev)
+    if dev.type == "cuda" and dev.index is None:  # one process: the current device (cuda:0 unless changed); torchrun: its local rank
+        dev = resolve_device(f"cuda:{local if world > 1 else torch.cuda.current_device()}")
+    if dev.type == "cuda": torch.cuda.set_device(dev)  # needs an index: torch.device("cuda") alone is refused
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
