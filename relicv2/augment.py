@@ -13,25 +13,37 @@ import torch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['JITTER_OPS', 'MASK_FILLS', 'Scratch', 'sample_crop_boxes', 'crop_positions', 'cubic_weights', 'resized_crops',
-           'resized_crop', 'resized_crop_mask', 'adjust_brightness', 'adjust_contrast', 'rgb_to_hsv', 'hsv_to_rgb',
-           'adjust_hue', 'adjust_saturation', 'color_jitter', 'to_grayscale', 'blur_kernel_size', 'gaussian_blur',
-           'solarize', 'swap_partners', 'remove_background']
+__all__ = ['JITTER_OPS', 'MASK_FILLS', 'row_groups', 'Scratch', 'sample_crop_boxes', 'crop_positions', 'cubic_weights',
+           'resized_crops', 'resized_crop', 'resized_crop_mask', 'adjust_brightness', 'adjust_contrast', 'rgb_to_hsv',
+           'hsv_to_rgb', 'adjust_hue', 'adjust_saturation', 'jitter_keys', 'color_jitter', 'to_grayscale',
+           'blur_kernel_size', 'gaussian_blur', 'solarize', 'swap_partners', 'remove_background']
 
 # %% ../nbs/02_augment.ipynb #752ba024
 def _uniform(n: int, k: int, generator: Optional[torch.Generator] = None) -> Tensor:
     "(n, k) uniforms in [0, 1) from `generator` (or torch's global one), on the generator's device."
     return torch.rand(n, k, generator=generator, device=None if generator is None else generator.device)
 
+def _constant(values: Sequence[float], like: Tensor) -> Tensor:
+    "A 1-D tensor of `values` with `like`'s dtype and device, filled there: no blocking copy from the host."
+    return torch.cat([like.new_full((1,), v) for v in values])
+
+def row_groups(keys: Tensor,  # (K, n) long in [0, G]: in each of K groupings, the group of every row (G: in none)
+               n_groups: int,  # G
+              ) -> list[list[Tensor]]:  # [k][g]: (n_kg,) long, the rows in group g of grouping k, ascending
+    "Rows sorted into their groups on their device, K groupings at once; the host reads the group sizes once."
+    order = keys.argsort(dim=1, stable=True)  # group 0's rows first, in ascending order, then group 1's...
+    ends = (keys[:, :, None] <= torch.arange(n_groups, device=keys.device)).sum(1)  # (K, G) rows in groups 0..g
+    ends = ends.tolist()  # the one transfer to the host (a synchronisation when keys are on a GPU)
+    return [[order[k, (e[g - 1] if g else 0):e[g]] for g in range(n_groups)] for k, e in enumerate(ends)]
+
 def _rows(x: Tensor,  # (n, ...) a batch we own: rows are overwritten in place when only some are selected
-          sel: Tensor,  # (n,) bool, on the CPU: the rows `fn` applies to
+          idx: Tensor,  # (k,) long: the rows `fn` applies to, ascending (from `row_groups`)
           fn,  # fn(rows, *row_args) -> tensor of the same shape as rows
-          *args: Tensor,  # per-row parameters, (n, ...) on the CPU
+          *args: Tensor,  # per-row parameters, (n, ...) on idx's device
          ) -> Tensor:
-    "`x` with `fn` applied to the selected rows only: one batched call, no loop over images."
-    idx = sel.nonzero().squeeze(1)
+    "`x` with `fn` applied to the rows `idx` only: one batched call, no loop over images."
     if len(idx) == 0: return x
-    if len(idx) == len(sel): return fn(x, *(a.to(x.device) for a in args))
+    if len(idx) == len(x): return fn(x, *(a.to(x.device) for a in args))
     dev_idx = idx.to(x.device)
     return x.index_copy_(0, dev_idx, fn(x.index_select(0, dev_idx), *(a[idx].to(x.device) for a in args)))
 
@@ -191,7 +203,7 @@ def _hexagon(x: Tensor,  # (n, 3, H, W) RGB in [0, 1]
 
 def _from_hexagon(v: Tensor, c: Tensor, h6: Tensor) -> Tensor:  # (n, 1, H, W) each -> (n, 3, H, W) RGB
     "RGB from value, chroma and hexagon hue (any real h6 >= -4)."
-    k = (v.new_tensor((5.0, 3.0, 1.0)).view(1, 3, 1, 1) + h6).div_(6).add_(1).frac_().mul_(6)  # (n + h6) mod 6
+    k = (_constant((5.0, 3.0, 1.0), v).view(1, 3, 1, 1) + h6).div_(6).add_(1).frac_().mul_(6)  # (n + h6) mod 6
     ramp = k.sub_(2).abs_().neg_().add_(2).clamp_(0, 1)  # clip(min(k, 4 - k), 0, 1), in place
     return ramp.mul_(c).neg_().add_(v)  # v - c * ramp
 
@@ -222,7 +234,7 @@ def adjust_hue(x: Tensor,  # (n, 3, H, W) in [0, 1]
     # hue in sixths: 4 + qr - qg if blue is the largest, qg - qb if red, 2 + qb - qr if green (s = qr + qg + qb)
     h6 = torch.sub(qr, qg).add_(6 * shift.view(-1, 1, 1, 1).to(x.dtype) + 4)  # rotated, as if blue were the largest
     h6.addcmul_(is_r, torch.add(s, 4).sub_(qg, alpha=3), value=-1).addcmul_(is_g, torch.sub(s, qr, alpha=3).sub_(2))
-    offset = x.new_tensor((5 / 6, 3 / 6, 1 / 6)).view(1, 3, 1, 1) + (1 / 6 + 2)  # n / 6, + 1/6 to centre on 1/2, + 2 > 0
+    offset = _constant((5 / 6, 3 / 6, 1 / 6), x).view(1, 3, 1, 1) + (1 / 6 + 2)  # n / 6, + 1/6 to centre on 1/2, + 2 > 0
     d = torch.add(offset, h6, alpha=1 / 6, out=q).frac_().sub_(0.5).abs_()  # circular distance from 1/3, in turns
     ramp = d.sub_(1 / 6).clamp_(0, 1 / 6)  # clip(6 d - 1, 0, 1) / 6
     return torch.addcmul(lo, c, ramp, value=6, out=x if inplace else None)
@@ -242,32 +254,42 @@ def adjust_saturation(x: Tensor,  # (n, 3, H, W) in [0, 1]
 # %% ../nbs/02_augment.ipynb #0aa68799
 JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)  # op ids 0..3 used in `order`
 
+def jitter_keys(order: Tensor,  # (n, 4) long: order[i, j] is the op applied at position j to image i
+                apply: Tensor,  # (n,) bool: which images are jittered at all
+               ) -> Tensor:  # (4, n) long: the op of every row at each position, 4 where the row is not jittered
+    "The groupings of `row_groups` for colour jitter: one per position, by the op the image puts there."
+    return torch.where(apply, order.t(), 4)
+
+def _jitter_groups(x: Tensor,  # (n, 3, H, W) in [0, 1], overwritten
+                   groups: list[list[Tensor]],  # `row_groups(jitter_keys(order, apply), 4)`
+                   factors: Tensor,  # (n, 4) on the groups' device: brightness delta, contrast, saturation, hue shift
+                   enabled: Sequence[bool],  # ops with strength 0 are skipped
+                  ) -> Tensor:
+    "At each position, each op on the images that put it there: gathered, applied in place, written back."
+    for j in range(4):
+        for k, op in enumerate(JITTER_OPS):
+            rows = groups[j][k]
+            if enabled[k] and len(rows):
+                idx = rows.to(x.device)
+                x.index_copy_(0, idx, op(x.index_select(0, idx), factors[rows, k].to(x.device, x.dtype), inplace=True))
+    return x
+
 def color_jitter(x: Tensor,  # (n, 3, H, W) in [0, 1]
-                 order: Tensor,  # (n, 4) long on the CPU: order[i, j] is the op applied at position j to image i
-                 factors: Tensor,  # (n, 4) on the CPU: brightness delta, contrast factor, saturation factor, hue shift
-                 apply: Tensor,  # (n,) bool on the CPU: which images are jittered at all
+                 order: Tensor,  # (n, 4) long: order[i, j] is the op applied at position j to image i
+                 factors: Tensor,  # (n, 4): brightness delta, contrast factor, saturation factor, hue shift
+                 apply: Tensor,  # (n,) bool: which images are jittered at all
                  enabled: Sequence[bool] = (True, True, True, True),  # ops with strength 0 are skipped
                  inplace: bool = False,  # overwrite x
                 ) -> Tensor:  # (n, 3, H, W) in [0, 1]
     "BYOL's colour jitter in a random order per image: at each position, each op on the images that put it there."
     x = x if inplace else x.clone()
-    rows = apply.nonzero().squeeze(1)  # the jittered images
-    for j in range(4):
-        at_j = order[rows, j]
-        by_op = rows[at_j.argsort(stable=True)]  # the jittered images, grouped by the op they put at position j
-        idx, f = by_op.to(x.device), factors[by_op].to(x.device, x.dtype)
-        ends = [0] + torch.bincount(at_j, minlength=4).cumsum(0).tolist()
-        for k, op in enumerate(JITTER_OPS):
-            a, b = ends[k], ends[k + 1]
-            if enabled[k] and b > a:  # gather the images that put op k here, apply it to all of them, write them back
-                x.index_copy_(0, idx[a:b], op(x.index_select(0, idx[a:b]), f[a:b, k], inplace=True))
-    return x
+    return _jitter_groups(x, row_groups(jitter_keys(order, apply), 4), factors, enabled)
 
 # %% ../nbs/02_augment.ipynb #b7a0eb7c
 def to_grayscale(x: Tensor,  # (n, 3, H, W) in [0, 1]
                 ) -> Tensor:  # (n, 3, H, W) three equal channels
     "Luma with BYOL's weights, copied to the three channels."
-    w = x.new_tensor((0.2989, 0.5870, 0.1140)).view(1, 3, 1, 1)
+    w = _constant((0.2989, 0.5870, 0.1140), x).view(1, 3, 1, 1)
     return (x * w).sum(1, keepdim=True).repeat(1, 3, 1, 1)
 
 def blur_kernel_size(size: int) -> int:

@@ -13,8 +13,9 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .augment import Scratch, _empty, _rows, _uniform, blur_kernel_size, color_jitter, gaussian_blur
-from .augment import remove_background, resized_crop_mask, resized_crops, sample_crop_boxes, solarize, to_grayscale
+from .augment import Scratch, _constant, _empty, _jitter_groups, _rows, _uniform, blur_kernel_size, gaussian_blur
+from .augment import jitter_keys, remove_background, resized_crop_mask, resized_crops, row_groups, sample_crop_boxes
+from .augment import solarize, to_grayscale
 from .augment import MASK_FILLS, resized_crop, swap_partners  # moved to relicv2.augment; old import paths kept
 from .config import RunConfig, ViewsConfig, update
 
@@ -102,16 +103,16 @@ def _sample_views(self: ViewGenerator,
     u = _uniform(nv, n * (k + _PER_VIEW), generator)  # per view: the crop's uniforms, then the others
     u_box, u = u[:, :n * k].reshape(nv * n, k), _named_uniforms(u[:, n * k:].reshape(nv * n, _PER_VIEW))
     box = sample_crop_boxes(nv * n, height, width, c.large_scale if large else c.small_scale, c.ratio, tries=tries, u=u_box)
-    t = torch.tensor(view_types, device=u_box.device).repeat_interleave(n) - 1  # pipeline of each row, 0 or 1
-    lo = u_box.new_tensor((-c.brightness, 1 - c.contrast, 1 - c.saturation, -c.hue))
-    hi = u_box.new_tensor((c.brightness, 1 + c.contrast, 1 + c.saturation, c.hue))
+    def per_row(probs):  # (nv * n,) the probability of each row's pipeline (filled on the device: no copy from the host)
+        return torch.cat([u_box.new_full((n,), probs[vt - 1]) for vt in view_types])
+    lo = _constant((-c.brightness, 1 - c.contrast, 1 - c.saturation, -c.hue), u_box)
+    hi = _constant((c.brightness, 1 + c.contrast, 1 + c.saturation, c.hue), u_box)
     masked = u["mask"] < c.mask_prob
     masked = masked & eligible.repeat(nv) if large and eligible is not None else torch.zeros_like(masked)
     rows = dict(box=box, flip=u["flip"] < c.flip_prob, jitter=u["jitter"] < c.jitter_prob, order=u["order"].argsort(1),
                 factors=lo + (hi - lo) * u["factors"], grayscale=u["grayscale"] < c.grayscale_prob,
-                blur=u["blur"] < u_box.new_tensor(c.blur_prob)[t],
-                sigma=c.blur_sigma[0] + (c.blur_sigma[1] - c.blur_sigma[0]) * u["sigma"],
-                solarize=u["solarize"] < u_box.new_tensor(c.solarize_prob)[t], masked=masked)
+                blur=u["blur"] < per_row(c.blur_prob), sigma=c.blur_sigma[0] + (c.blur_sigma[1] - c.blur_sigma[0]) * u["sigma"],
+                solarize=u["solarize"] < per_row(c.solarize_prob), masked=masked)
     return [ViewParams(view_type=vt, **{name: r[i * n:(i + 1) * n] for name, r in rows.items()}) for i, vt in enumerate(view_types)]
 ViewGenerator.sample_views = _sample_views
 
@@ -137,11 +138,13 @@ def _augment(self: ViewGenerator,
     "The colour ops of BYOL's pipelines, in place, each on the rows that drew it."
     c = self.cfg
     enabled = (c.brightness > 0, c.contrast > 0, c.saturation > 0, c.hue > 0)
-    if any(enabled): v = color_jitter(v, p.order, p.factors, p.jitter, enabled, inplace=True)
-    v = _rows(v, p.grayscale, to_grayscale)
+    drawn = torch.stack((p.grayscale, p.blur, p.solarize)).logical_not().long()  # (3, n): group 0 = drew the op
+    groups = row_groups(torch.cat((jitter_keys(p.order, p.jitter), drawn)), 4)  # every op's rows: one read by the host
+    if any(enabled): v = _jitter_groups(v, groups[:4], p.factors, enabled)
+    v = _rows(v, groups[4][0], to_grayscale)
     blur = partial(gaussian_blur, kernel_size=blur_kernel_size(v.shape[-1]), inplace=True, scratch=self._scratch_for(v))
-    v = _rows(v, p.blur, blur, p.sigma)
-    return _rows(v, p.solarize, solarize)
+    v = _rows(v, groups[5][0], blur, p.sigma)
+    return _rows(v, groups[6][0], solarize)
 ViewGenerator.augment = _augment
 
 @torch.no_grad()
@@ -155,7 +158,7 @@ def _render(self: ViewGenerator,
     V, B = len(params), len(x)
     p = ViewParams.cat(params)
     box, flip = p.box.to(x.device, x.dtype).view(V, B, 4), p.flip.to(x.device).view(V, B)
-    masked = p.masked.to(x.device).view(V, B) if x_masked is not None and p.masked.any() else None
+    masked = p.masked.to(x.device).view(V, B) if x_masked is not None else None  # no pairs: resized_crops skips them
     v = resized_crops(x, box, flip, size, x_alt=x_masked, use_alt=masked, clip=True, scratch=self._scratch_for(x))
     return self.augment(v.view(V * B, 3, size, size), p).view(V, B, 3, size, size)
 ViewGenerator.render = _render
@@ -200,8 +203,9 @@ def _check_inputs(images, masks, has_mask, generator):
             what = f"{masks.dtype} tensor of shape {tuple(masks.shape)}" if isinstance(masks, Tensor) else type(masks).__name__
             raise ValueError(f"masks must be None or a uint8/bool tensor of shape {(B, 1, H, W)} (the images' B, H, W), got a {what}")
         if masks.device != images.device: raise ValueError(f"masks must be on the images' device {images.device}, got {masks.device}")
-        if masks.dtype == torch.uint8 and masks.max() > 1 and ((masks != 0) & (masks != 255)).any():
-            raise ValueError("masks must be binary: values 0 and 1 (or 0 and 255)")
+        if masks.dtype == torch.uint8:  # 0/1 or 0/255, in one read (a synchronisation on a GPU): x & 254 is 0 for x = 0
+            binary = torch.minimum((masks & 254).amax(), ((masks + 1) & 254).amax()) == 0  # and 1 only, (x + 1) & 254 for 0, 255
+            if not bool(binary): raise ValueError("masks must be binary: values 0 and 1 (or 0 and 255)")
     if has_mask is not None:
         if masks is None: raise ValueError("has_mask given without masks: pass masks too, or has_mask=None")
         if not isinstance(has_mask, Tensor) or has_mask.dtype != torch.bool or tuple(has_mask.shape) != (B,):
@@ -230,7 +234,8 @@ def _call(self: ViewGenerator,
         fg = masks != 0
         ok = fg.sum(dim=(1, 2, 3)) >= c.min_mask_coverage * H * W  # masks under 1% count as no mask
         eligible = (ok if has_mask is None else ok & has_mask.to(ok.device)).to(gdev)
-        if c.mask_prob > 0 and bool(eligible.any()):
+        # a fill that draws nothing is made without asking whether an image needs it (on a GPU, asking waits for it)
+        if c.mask_prob > 0 and (c.mask_fill in ("zeros", "mean") or bool(eligible.any())):
             x_m = remove_background(x, fg, c.mask_fill, generator, out=_empty(scratch, "x_m", (B, 3, H, W), x))
     large_params = self.sample_views(B, H, W, True, [1 + i % 2 for i in range(c.n_large)], eligible, generator)
     small_params = self.sample_views(B, H, W, False, [1 + i % 2 for i in range(c.n_small)], None, generator)
