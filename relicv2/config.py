@@ -367,10 +367,22 @@ PRESETS["spurious"] = {  # the spurious-correlation benchmark (01a_spurious): th
     "train": {**PRESETS["fashion-mnist"]["train"], "epochs": 8, "out_dir": "runs/spurious", "monitor_steps": 39},  # 312 steps
 }
 
+# The paper's recipe on 80 GB GPUs: train.batch_size is the global batch, split over the processes (one a GPU); 128 a GPU
+# in bf16 is what relicv2.memory.check_fits accepts with room to spare (08c_memory: ~46 GiB estimated; ~180 is its limit).
+PRESETS["paper-1gpu"] = {  # one GPU: `relicv2-train --preset paper-1gpu`
+    "data": {"dataset": "imagefolder:/data/imagenet", "num_workers": 8, "pin_memory": True},  # JPEG decoding off the GPU's process
+    "encoder.channels_last": True,
+    "train": {"batch_size": 128, "precision": "bf16", "out_dir": "runs/paper-1gpu"},
+}
+PRESETS["paper-8gpu"] = {  # eight GPUs: `torchrun --nproc-per-node 8 --no-python relicv2-train --preset paper-8gpu`
+    **PRESETS["paper-1gpu"],
+    "train": {**PRESETS["paper-1gpu"]["train"], "batch_size": 8 * 128, "sync_bn": True, "out_dir": "runs/paper-8gpu"},  # [B] BN over all
+}
+
 MAIN_PRESET = "spurious"  # the main job, what a command runs when neither `--preset` nor a config file names one
 
 def preset(name: str) -> RunConfig:
-    "The named preset: `tiny` (tests), `demo` (a 2-core CPU), `fashion-mnist` and `spurious` (CPU benchmarks; `spurious` is the main job) or `paper` (ImageNet)."
+    "The named preset: `tiny` (tests), `demo` (a 2-core CPU), `fashion-mnist` and `spurious` (CPU benchmarks; `spurious` is the main job), `paper` (ImageNet) or `paper-1gpu`/`paper-8gpu` (it on 80 GB GPUs)."
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}{_near(name, PRESETS)}; allowed: {', '.join(PRESETS)}")
     return update(RunConfig(), PRESETS[name])
