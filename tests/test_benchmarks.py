@@ -123,3 +123,20 @@ def test_benchmark_step_is_fits_step(tmp_path):
     assert step(batch) == pytest.approx(want, rel=1e-6)
     assert C.parse_summary("# context\nfig: a=1 b=2.5e-03\n") == {"fig": {"a": 1.0, "b": 0.0025}}
     with pytest.raises(ValueError, match="malformed summary line"): C.parse_summary("fig: a=1 b\n")
+
+
+def test_gpu_check_dry_run_runs_the_whole_sequence_on_the_cpu():
+    "`gpu_check.sh --dry-run`: every command of the GPU check, on the CPU at tiny sizes (about a minute of one core)."
+    out = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "--dry-run"], capture_output=True, text=True, timeout=900,
+                         cwd=ROOT, env=ENV)
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout
+    assert text.startswith("# gpu_check.sh --dry-run: every step below on the CPU"), text[:200]
+    for line in ("tiny (bf16, channels_last): ", "resnet50 224px 4+2 views (bf16, channels_last): ",
+                 "memory_estimate paper-1gpu (1 process(es)", "memory_estimate paper-8gpu (8 process(es)", "memory_paper: ",
+                 "memory_demo: ", "gemm_peak: ", "encoder_utilisation: ", "scaling_processes: ", "scaling_batch: "):
+        assert line in text, f"{line!r} missing from:\n{text}"
+    assert text.count("  fits") == 2 and "the largest batch a process that fits is" in text  # paper-1gpu/8gpu fit, paper not
+    lightly = subprocess.run([sys.executable, "-c", "import lightly"], capture_output=True).returncode == 0
+    assert ("e2e_throughput: " in text) == lightly
+    figures([l for l in text.splitlines() if LINE.fullmatch(l) or l.startswith("#")])  # the benchmarks' figures are well formed
