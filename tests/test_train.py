@@ -402,10 +402,10 @@ def test_a_run_stopped_at_a_monitor_step_keeps_that_point_of_its_learning_curve(
     import signal
     from relicv2.train import RunInterrupted
     real, calls = train.train_step, []
-    def step_then_signal(parts, batch, done):  # SIGTERM arrives during step 2 (`done` steps before it), as a scheduler's would
+    def step_then_signal(parts, batch, done, **kw):  # SIGTERM arrives during step 2 (`done` steps before it), as a scheduler's would
         calls.append(done)
         if done == 1 and calls.count(1) == 1: os.kill(os.getpid(), signal.SIGTERM)
-        return real(parts, batch, done)
+        return real(parts, batch, done, **kw)
     monkeypatch.setattr(train, "train_step", step_then_signal)
     cfg = tiny(tmp_path / "run", **{"train.epochs": 1, "train.monitor_steps": 2, "train.ckpt_every": 100})  # 4 steps
     with pytest.raises(RunInterrupted, match="after step 2;"):
