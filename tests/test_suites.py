@@ -68,3 +68,23 @@ def test_training_sees_data_classes(tmp_path):
     res = fit(cfg, max_steps=1, progress=False)
     assert res.online.classifier.out_features == 5  # the supervised head has the kept classes only
 
+
+# ---------------- low_label ----------------
+
+def test_low_label_probes_learn_from_balanced_labels_never_from_the_evaluation_images(monkeypatch):
+    import relicv2.low_label as ll
+    from relicv2.evaluate import PixelEncoder
+    seen, fit = [], ll.fit_probe
+    monkeypatch.setattr(ll, "fit_probe", lambda x, y, n, cfg: seen.append((x, y)) or fit(x, y, n, cfg))
+    read, extract = [], ll.extract_features
+    monkeypatch.setattr(ll, "extract_features", lambda *a, **k: read.append(extract(*a, **k)) or read[-1])
+    cfg = tiny(**{"data.synthetic_train": 400})
+    res = ll.low_label_suite(PixelEncoder(), cfg, ("test",), eval_images=100)  # raw pixels: a feature row is the image
+    assert len(seen) == len(ll.FRACTIONS) * ll.DRAWS
+    for (x, y), (f, d) in zip(seen, [(f, d) for f in ll.FRACTIONS for d in range(ll.DRAWS)]):
+        per_class = max(1, round(f * 400 / 10))
+        assert torch.bincount(y, minlength=10).tolist() == [per_class] * 10, (f, d)  # balanced
+    test_rows = read[-1][0]
+    for x, _ in seen: assert not (x[:, None] == test_rows[None]).all(-1).any()  # no labelled image is an evaluation image
+    assert floats_only(res, ("test",))
+
