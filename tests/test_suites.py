@@ -88,3 +88,14 @@ def test_low_label_probes_learn_from_balanced_labels_never_from_the_evaluation_i
     for x, _ in seen: assert not (x[:, None] == test_rows[None]).all(-1).any()  # no labelled image is an evaluation image
     assert floats_only(res, ("test",))
 
+
+# ---------------- transfer ----------------
+
+def test_transfer_needs_data_classes_and_does_not_call_itself():
+    from relicv2.transfer import run_suite
+    cfg = tiny()
+    with pytest.raises(ValueError, match="the transfer suite needs data.classes"): run_suite(baseline_encoder("raw-pixels", cfg), cfg, ("test",))
+    cfg = tiny(**{"data.classes": "0-6", "eval.suites": "transfer,robustness"})  # the evaluation it calls runs no suite
+    res = run_suite(baseline_encoder("raw-pixels", cfg), cfg, ("test",))
+    assert res["info"]["classes"] == [7, 8, 9] and floats_only(res, ("test",)) and "knn_top5" not in res["test"]
+
