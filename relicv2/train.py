@@ -31,7 +31,7 @@ from .metrics import MetricsLog, plot_metrics
 from .distributed import DistEnv, init_distributed, gather, gather_with_grad, sync_batchnorm
 from .networks import SupervisedNetwork, build_networks
 from .loss import ReLICv2Loss
-from .memory import tune_malloc
+from .memory import check_fits, device_memory, tune_malloc
 from .optim import lr_schedule_from_config, optimizer_from_config, set_lr
 from .target import momentum_schedule, target_init_share, update_target
 from .progress import Progress, ProgressArg, announce
@@ -381,6 +381,7 @@ def fit(cfg: RunConfig,  # the whole run, e.g. `preset("demo")`
     env = env or init_distributed(tc.device)
     if tc.batch_size % env.world_size:
         raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by the number of processes ({env.world_size})")
+    if env.device.type == "cuda": check_fits(cfg, env.world_size, device_memory(env.device))  # one line before any work, not an OOM at step 1 (08c_memory)
     if tc.precision == "fp16" and env.device.type != "cuda":
         raise ValueError("train.precision='fp16' needs a CUDA device; use 'bf16' or 'fp32' on the CPU")
     if tc.tune_malloc and env.device.type == "cpu": tune_malloc()  # keep the big temporaries mapped between steps

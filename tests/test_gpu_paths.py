@@ -288,6 +288,7 @@ def check_step(cfg, p, loss, terms, masked, world_size: int = 1):
     assert all(t.device == CUDA0 and t.dtype == torch.float32 for t in terms.values()), terms
     assert tuple(masked.shape) == (cfg.views.n_large, b) and masked.device == CUDA0
     for net in (p.online, p.target):
+        if net is None: continue  # simclr and the supervised baseline have no target
         assert {(q.device, q.dtype) for q in net.parameters()} == {(CUDA0, torch.float32)}
     state = [v for s in p.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
     assert state and {v.device for v in state} == {CUDA0}  # the optimiser stepped, on the device
@@ -304,6 +305,16 @@ def test_a_training_step_on_fake_cuda(name, precision):
     print(f"{name} {precision}: {time.perf_counter() - t0:.1f} s, {sync.total} host synchronisations\n{sync.table()}")
     assert sync.in_modules("views.py", "augment.py") <= VIEWS_SYNCS, sync.table()
     assert sync.in_modules("loss.py") <= LOSS_SYNCS_ONE_PROCESS, sync.table()
+
+
+@pytest.mark.parametrize("objective", ["simclr", "byol"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_every_objective_steps_on_fake_cuda(objective, precision):
+    # the baselines take other branches of the step (simclr: no target, keys with gradient; byol: no negatives)
+    cfg = fake_config("tiny", precision, **{"loss.objective": objective})
+    p, loss, terms, masked, sync = run_fake_step(cfg)
+    check_step(cfg, p, loss, terms, masked)
+    assert (p.target is None) == (objective == "simclr")
 
 
 @pytest.fixture
@@ -336,3 +347,15 @@ def test_the_counter_counts_what_waits_for_the_device():
         x.new_tensor((1.0, 2.0)); torch.tensor([1, 2], device=CUDA0); x[x[:, 0] > 0]
     counted = sorted(k.split("  ")[0].strip() for k in sync.sites for _ in range(sync.sites[k]))
     assert counted == ["boolean index", "copy to device", "copy to device", "copy to host", "item", "item", "nonzero", "tolist"], sync.table()
+
+
+def test_fit_refuses_a_batch_that_cannot_fit_its_gpu_before_any_work(tmp_path, monkeypatch):
+    # fit's first check on a CUDA device (08c_memory's estimate): one line naming the batch that would fit, no run folder
+    import relicv2.train as T
+    from relicv2.config import ConfigError, preset, update
+    from relicv2.distributed import DistEnv
+    monkeypatch.setattr(T, "device_memory", lambda device: 4 * 2**30)  # a 4 GiB card
+    cfg = update(preset("paper-1gpu"), {"train.out_dir": str(tmp_path / "run")})
+    with pytest.raises(ConfigError, match=r"the largest batch a process that fits is \d+"):
+        T.fit(cfg, env=DistEnv(device=torch.device("cuda", 0)), progress=False)
+    assert not (tmp_path / "run").exists()
