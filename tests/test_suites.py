@@ -99,3 +99,71 @@ def test_transfer_needs_data_classes_and_does_not_call_itself():
     res = run_suite(baseline_encoder("raw-pixels", cfg), cfg, ("test",))
     assert res["info"]["classes"] == [7, 8, 9] and floats_only(res, ("test",)) and "knn_top5" not in res["test"]
 
+
+# ---------------- dense ----------------
+
+class PlantedEncoder(torch.nn.Module):
+    "A stand-in whose layer4 map is the one-hot code of each pixel's grey level in steps of 20: the planted segmentation."
+    def __init__(self):
+        super().__init__()
+        self.layer4 = torch.nn.Identity()
+
+    def forward(self, x):
+        code = torch.nn.functional.one_hot((x[:, 0] * 255 / 20).round().long().clamp(0, 10), 11).movedim(-1, 1).float()
+        return self.layer4(code).mean((2, 3))
+
+
+def planted(split: str, n: int = 300):
+    "A dataset of the spurious benchmark's form whose object's grey level codes its class: 20 x (class + 1) on black."
+    from relicv2.data import TensorImages
+    g = torch.Generator().manual_seed(len(split))
+    labels, masks = torch.arange(n) % 10, torch.zeros(n, 1, 24, 24, dtype=torch.uint8)
+    for i, (r, c) in enumerate(torch.randint(0, 15, (n, 2), generator=g).tolist()): masks[i, 0, r:r + 9, c:c + 9] = 1
+    images = (masks * (20 * (labels + 1))[:, None, None, None]).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    return TensorImages(images, labels, masks, classes=[f"c{i}" for i in range(10)])
+
+
+def test_dense_suite_recovers_a_planted_segmentation(monkeypatch):
+    import relicv2.dense as dense
+    monkeypatch.setattr(dense, "from_config", lambda data, split, masks=True, **kw: planted(split))
+    cfg = update(preset("spurious"), {"eval.linear_solver": "lbfgs"})
+    enc = PlantedEncoder().train()
+    res = dense.dense_suite(enc, cfg, ("test", "test_ood"), train_images=200, pixels_per_image=30, eval_images=100)
+    for s in ("test", "test_ood"): assert res[s]["miou"] > 99.5 and res[s]["fg_iou"] > 99.5, res[s]
+    assert enc.training  # read in eval mode, handed back in the mode it came in
+    assert res["info"]["features"] == ["layer4"] and res["info"]["classes"] == 11
+
+
+def test_dense_raw_pixels_find_the_object_by_its_colour():
+    from relicv2.dense import dense_suite
+    cfg = update(preset("spurious"), {"data.synthetic_train": 300})
+    res = dense_suite(baseline_encoder("raw-pixels", cfg), cfg, ("test_ood",), train_images=300, eval_images=50)
+    assert res["test_ood"]["fg_iou"] > 90 and res["test_ood"]["miou"] < 50 and floats_only(res, ("test_ood",))
+
+
+# ---------------- every suite ----------------
+
+def test_every_suite_module_offers_run_suite_and_imports_alone():
+    import importlib, inspect, subprocess, sys
+    from relicv2.config import EVAL_SUITES
+    for name in EVAL_SUITES:
+        params = inspect.signature(importlib.import_module(f"relicv2.{name}").run_suite).parameters
+        assert list(params) == ["encoder", "cfg", "splits", "device", "progress"], name
+        assert [params[p].kind for p in ("device", "progress")] == [inspect.Parameter.KEYWORD_ONLY] * 2, name
+        assert (params["device"].default, params["progress"].default) == (None, False), name
+        subprocess.run([sys.executable, "-c", f"import relicv2.{name}"], check=True)  # first import in a fresh process: no cycle
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_every_suite_runs_with_the_encoder_on_a_gpu():
+    from relicv2 import dense, low_label, robustness, transfer
+    cfg = tiny(**{"data.classes": "0-6"})
+    enc = baseline_encoder("random-init", cfg).cuda()
+    cpu = baseline_encoder("random-init", cfg)
+    for run in (lambda e: robustness.robustness_suite(e, cfg, ("test",), eval_images=40),
+                lambda e: low_label.low_label_suite(e, cfg, ("test",), eval_images=40),
+                lambda e: transfer.run_suite(e, cfg, ("test",)),
+                lambda e: dense.dense_suite(e, cfg, ("test",), train_images=64, eval_images=20)):
+        on_gpu, on_cpu = run(enc), run(cpu)
+        assert floats_only(on_gpu, ("test",))
+        for k, v in on_cpu["test"].items(): assert abs(on_gpu["test"][k] - v) <= 15.0, k  # the same read-out, up to TF32 and float error
