@@ -20,6 +20,7 @@ from .files import ConfigError, atomic_write, read_file
 from .evaluate import BASELINES
 from .progress import ProgressArg, announce
 from .confirm import check_confirm, check_registration, verdicts
+from .suites import SUITE_FIELDS, run_suites, suite_rows, with_suites
 
 # %% auto #0
 __all__ = ['RESULT_FIELDS', 'AblationSpec', 'load_spec', 'spec_content', 'provenance', 'train_seconds', 'knn_curve',
@@ -143,8 +144,10 @@ def run_one(cfg: RunConfig, splits: Optional[list] = None, progress: ProgressArg
     t0 = time.perf_counter()
     results = evaluate_from_config(res.online.encoder, cfg, splits=tuple(splits) if splits else None, progress=progress,
                                    name=f"evaluating {name}")
+    suites = run_suites(res.online.encoder, cfg, list(results), progress=progress, name=f"evaluating {name}")
     out = {"steps": res.steps, "train_s": round(train_seconds(Path(cfg.train.out_dir, "metrics.jsonl"), cfg.train.batch_size), 1),
-           "eval_s": round(time.perf_counter() - t0, 1), "results": results, **provenance(), "config": config_record(cfg)}
+           "eval_s": round(time.perf_counter() - t0, 1), "results": results, **({"suites": suites} if suites else {}),
+           **provenance(), "config": config_record(cfg)}
     atomic_write(done, json.dumps(out, indent=2) + "\n")
     return out
 
@@ -154,9 +157,12 @@ def run_baseline(name: str, cfg: RunConfig, splits: Optional[list] = None, progr
     done = result_path(cfg, name)
     if done.exists(): return json.loads(done.read_text())
     t0 = time.perf_counter()
-    results = evaluate_from_config(baseline_encoder(name, cfg), cfg, splits=tuple(splits) if splits else None,
-                                   progress=progress, name=f"evaluating the {name} baseline")
-    out = {"steps": 0, "train_s": 0.0, "eval_s": round(time.perf_counter() - t0, 1), "results": results, **provenance(), "config": config_record(cfg)}
+    encoder = baseline_encoder(name, cfg)
+    results = evaluate_from_config(encoder, cfg, splits=tuple(splits) if splits else None, progress=progress,
+                                   name=f"evaluating the {name} baseline")
+    suites = run_suites(encoder, cfg, list(results), progress=progress, name=f"evaluating the {name} baseline")
+    out = {"steps": 0, "train_s": 0.0, "eval_s": round(time.perf_counter() - t0, 1), "results": results,
+           **({"suites": suites} if suites else {}), **provenance(), "config": config_record(cfg)}
     atomic_write(done, json.dumps(out, indent=2) + "\n")
     return out
 
@@ -185,7 +191,7 @@ def run_ablation(spec: AblationSpec | str | Path | dict,  # the grid, or a spec 
         names = list(dict.fromkeys([*spec.baselines, *(n for n, _, _ in runs)]))  # the baselines can be run alone too
         unknown = sorted(set(only) - set(names))
         if unknown: raise ConfigError(f"unknown variant(s) {', '.join(unknown)}; variants: {', '.join(names)}")
-    rows, record, path = [], {}, Path(spec.out_dir, "results.csv")
+    rows, srows, record, path = [], [], {}, Path(spec.out_dir, "results.csv")
     overrides, jobs = _overrides(spec), _jobs(spec)
     if spec.confirm is not None:  # a confirmatory block runs only as registered and committed (11b_confirm)
         if spec.source is None: raise ConfigError(f"block {spec.block!r} must be run from its registered spec file, not from a dict")
@@ -201,15 +207,20 @@ def run_ablation(spec: AblationSpec | str | Path | dict,  # the grid, or a spec 
         for split, m in out["results"].items():
             rows.append({"variant": name, "seed": seed, "split": split, **{k: None if m[k] is None else round(m[k], 2) for k in RESULT_FIELDS[3:7]},
                          "steps": out["steps"], "train_s": out["train_s"], "overrides": json.dumps(overrides.get(name, {}))})
-        record[f"{name}/seed{seed}"] = {k: v for k, v in out.items() if k != "results"}
+        srows += suite_rows(name, seed, out.get("suites", {}))  # the evaluation suites' metrics (10g_suites), a long table
+        record[f"{name}/seed{seed}"] = {k: v for k, v in out.items() if k not in ("results", "suites")}
         if not is_baseline and "knn_curve" not in out:  # (a restored run carries its curve)
             record[f"{name}/seed{seed}"]["knn_curve"] = knn_curve(Path(cfg.train.out_dir, "metrics.jsonl"))
         buf = io.StringIO(); w = csv.DictWriter(buf, RESULT_FIELDS); w.writeheader(); w.writerows(rows)
         atomic_write(path, buf.getvalue())
         atomic_write(path.with_suffix(".json"), json.dumps({"spec": spec.source, "runs": record}, indent=2) + "\n")
+        if srows:
+            buf = io.StringIO(); w = csv.DictWriter(buf, SUITE_FIELDS); w.writeheader(); w.writerows(srows)
+            atomic_write(path.with_name("suites.csv"), buf.getvalue())
     if spec.confirm is not None and all(j[4].exists() for j in jobs):  # every run of the block is done: its verdicts, once
         atomic_write(path.with_name("verdicts.json"), json.dumps({"block": spec.block, "spec": spec.source,
-                                                                  "verdicts": verdicts(spec.confirm, rows)}, indent=1) + "\n")
+                                                                  "verdicts": verdicts(spec.confirm, with_suites(rows, srows))},
+                                                                 indent=1) + "\n")
     return path
 
 # %% ../nbs/11_ablate.ipynb #7cfdd3e4

@@ -122,6 +122,7 @@ class TrainedRun:
     run: "RunResult"  # `fit`'s result: run directory, steps, final loss, checkpoint, the online network
     encoder: Optional[Path] = None  # encoder.pt (encoder_torchvision.pt beside it); None: no step was ever run
     results: Optional[dict] = None  # {row: {split: {metric: %}}} as in eval.json; None: not evaluated
+    suites: Optional[dict] = None  # {'trained': {suite: {split: {metric: value}}}} as in suites.json (eval.suites); None: none asked
     stored: bool = False  # the run had finished before: `results` were read back from its eval.json
     n_classes: int = 0  # classes of the dataset, for the chance level
 
@@ -161,6 +162,17 @@ def train_and_evaluate(cfg: RunConfig,  # the whole run, e.g. `preset("demo")`
     else:
         out.results = evaluate_run(cfg, res.online.encoder, progress=progress, baselines=baselines, state_dir=res.run_dir / "linear_eval")
         atomic_write(stored, json.dumps(out.results, indent=2) + "\n")
+    out.suites = _suites(cfg, res.online.encoder, out.results, res.run_dir / "suites.json", progress, reuse=out.stored)
+    return out
+
+def _suites(cfg: RunConfig, encoder, results: dict, path: Path, progress: ProgressArg, reuse: bool = False) -> Optional[dict]:
+    "The evaluation suites `eval.suites` names (10g_suites) on the splits the main evaluation read, kept in `path`."
+    from relicv2.suites import run_suites, suite_names
+    if not suite_names(cfg): return None
+    if reuse and path.exists(): return json.loads(path.read_text())
+    splits = list(next(iter(results.values())))
+    out = {"trained": run_suites(encoder, cfg, splits, progress=progress, name="evaluating the trained encoder")}
+    atomic_write(path, json.dumps(out, indent=2) + "\n")
     return out
 
 # %% ../nbs/90_cli.ipynb #adc091b8
@@ -182,6 +194,9 @@ def _train(args: argparse.Namespace, cfg: RunConfig) -> int:
         elif out.results is not None:
             if out.stored: print(f"relicv2-train: its stored evaluation ({res.run_dir / 'eval.json'}; relicv2-eval {res.run_dir} evaluates it again):")
             print(out.table())
+            if out.suites:
+                from relicv2.suites import format_suites
+                print(f"evaluation suites ({res.run_dir / 'suites.json'} has every metric):"); print(format_suites(out.suites))
     # Under torchrun, end the process group before Python exits: gloo's threads otherwise outlive the interpreter
     # and the process can abort at exit ("terminate called without an active exception", pytorch issue #190489).
     # Not on an exception: a process that failed mid-run leaves the others to torchrun.
@@ -240,6 +255,11 @@ def _eval(args: argparse.Namespace, cfg: RunConfig) -> int:
     # the floor first: the same evaluation of raw pixels and of the run's random init
     rows = evaluate_run(cfg, enc.to(dev), progress, baselines=not args.no_baselines, name=name, splits=splits, state_dir=state_dir)
     print(format_table(rows)); print(accuracy_note(_n_classes(cfg)))
+    where = (Path(args.run_dir) if args.run_dir is not None else Path(args.weights).parent) / f"{name}_suites.json"
+    suites = _suites(cfg, enc, rows, where, progress)
+    if suites:
+        from relicv2.suites import format_suites
+        print(f"evaluation suites (written to {where}):"); print(format_suites({name: suites["trained"]}))
     return 0
 
 def eval_main(argv: list[str] | None = None) -> int:

@@ -13,10 +13,11 @@ import subprocess
 from pathlib import Path
 from typing import Optional
 
+from .config import EVAL_SUITES
 from .files import ConfigError, atomic_write
 
 # %% auto #0
-__all__ = ['CORRECTIONS', 'betainc', 't_cdf', 't_quantile', 'paired', 'compare', 'holm', 'check_confirm', 'verdicts',
+__all__ = ['CORRECTIONS', 'METRICS', 'betainc', 't_cdf', 't_quantile', 'paired', 'compare', 'holm', 'check_confirm', 'verdicts',
            'format_verdicts', 'seeds_to_resolve', 'spec_fingerprint', 'registration_path', 'register_block',
            'check_registration']
 
@@ -108,6 +109,11 @@ def holm(pvalues: list[float]) -> list[float]:
 # %% ../nbs/11b_confirm.ipynb #f9c6507c
 _CONFIRM_KEYS = {"metric": str, "alpha": float, "correction": str, "comparisons": list, "plan": (dict, str)}
 CORRECTIONS = ("holm", "none")
+METRICS = ("linear_top1", "knn_top1", "linear_top5", "knn_top5")  # a grid's own; a suite's are named suite.metric
+
+def _check_metric(m, at: str) -> None:
+    if m in METRICS or (isinstance(m, str) and m.partition(".")[0] in EVAL_SUITES and m.partition(".")[2]): return
+    raise ConfigError(f"{at} must be one of {', '.join(METRICS)} or SUITE.METRIC with SUITE one of {', '.join(EVAL_SUITES)}, got {m!r}")
 
 def check_confirm(confirm: dict,  # the spec's `confirm` section
                   names: list[str],  # the spec's variants and baselines
@@ -124,6 +130,7 @@ def check_confirm(confirm: dict,  # the spec's `confirm` section
     if c["correction"] not in CORRECTIONS: raise ConfigError(f"{where}.correction must be one of {', '.join(CORRECTIONS)}, got {c['correction']!r}")
     if not (isinstance(c["alpha"], float) and 0 < c["alpha"] < 0.5): raise ConfigError(f"{where}.alpha must be a float in (0, 0.5), got {c['alpha']!r}")
     if not splits: raise ConfigError(f"{where}: the spec must name the splits its block reads ('splits: [...]')")
+    _check_metric(c["metric"], f"{where}.metric")
     if not c["comparisons"]: raise ConfigError(f"{where}.comparisons must be a non-empty list")
     for i, comp in enumerate(c["comparisons"]):
         at = f"{where}.comparisons[{i}]"
@@ -133,6 +140,7 @@ def check_confirm(confirm: dict,  # the spec's `confirm` section
         for k in ("a", "b"):
             if comp.get(k) not in names: raise ConfigError(f"{at}.{k} must be a variant or baseline of the spec ({', '.join(names)}), got {comp.get(k)!r}")
         if comp.get("split") not in splits: raise ConfigError(f"{at}.split must be one of the block's splits ({', '.join(splits)}), got {comp.get('split')!r}")
+        if "metric" in comp: _check_metric(comp["metric"], f"{at}.metric")
         m = comp.get("margin")
         if isinstance(m, bool) or not isinstance(m, (int, float)) or not m > 0: raise ConfigError(f"{at}.margin must be a number > 0 (the smallest effect of interest), got {m!r}")
     return c

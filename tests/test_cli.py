@@ -148,8 +148,9 @@ def test_a_confirmatory_block_runs_only_as_registered_and_committed(tmp_path):
     git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)
     git("init", "-q"); git("config", "user.email", "a@b"); git("config", "user.name", "a")
     block = ("preset: tiny\nout_dir: {}\nseeds: {}\nsplits: [test]\nbaselines: []\nblock: toy\n"
-             "common: {{eval.linear_epochs: 1, train.epochs: 1}}\nvariants: {{a: {{}}, b: {{loss.alpha: 0.0}}}}\n"
-             "confirm: {{comparisons: [{{a: a, b: b, split: test, margin: 5.0}}], plan: '4 tiny runs'}}\n")
+             "common: {{eval.linear_epochs: 1, train.epochs: 1, eval.suites: dense}}\nvariants: {{a: {{}}, b: {{loss.alpha: 0.0}}}}\n"
+             "confirm: {{comparisons: [{{a: a, b: b, split: test, margin: 5.0}}, {{a: a, b: b, split: test, margin: 5.0, "
+             "metric: dense.miou}}], plan: '4 tiny runs'}}\n")
     spec = tmp_path / "toy.yaml"
     spec.write_text(block.format(tmp_path / "grid", "[0, 1]"))
     one_line(command("ablate_main", str(spec)), 2, "is not registered")
@@ -160,7 +161,9 @@ def test_a_confirmatory_block_runs_only_as_registered_and_committed(tmp_path):
     r = command("ablate_main", str(spec))
     assert r.returncode == 0, r.stderr
     v = json.loads((tmp_path / "grid" / "verdicts.json").read_text())["verdicts"]
-    assert len(v) == 1 and v[0]["n"] == 2 and v[0]["seeds"] == [0, 1] and "verdict" in v[0] and "p_adj" in v[0]
+    assert len(v) == 2 and v[0]["n"] == v[1]["n"] == 2 and v[0]["seeds"] == [0, 1] and "verdict" in v[0] and "p_adj" in v[0]
+    assert v[1]["metric"] == "dense.miou" and v[0]["mean"] != v[1]["mean"]  # the second comparison reads the suite's rows
+    assert "dense,miou" in (tmp_path / "grid" / "suites.csv").read_text()
     assert "A - B [95% CI]" in r.stdout and v[0]["verdict"] in r.stdout
     spec.write_text(block.format(tmp_path / "grid", "[0, 1, 2]"))  # a seed added after looking
     git("commit", "-qam", "more seeds")
