@@ -21,7 +21,8 @@ from tqdm import tqdm  # a console bar: the command's, also when called from a n
 
 from .config import atomic_write
 from .progress import Progress, ProgressArg
-from .data import DATASETS, IMG_EXTENSIONS, CorruptImageError, SyntheticShapes, _decode, make_dataset
+from .data import DATASETS, IMG_EXTENSIONS, CorruptImageError, SyntheticShapes, make_dataset
+from .readers import _decode, encode_image
 from .saliency import binarize, clean_mask, resize
 from .saliency_metrics import format_table
 from .deepusps import METHODS, SaliencyUNet, _batches, masks_at_size, evaluate_folder, evaluate_methods
@@ -116,11 +117,7 @@ def _check_unique(rels: list[Path]):
 def save_png_atomic(mask: Tensor,  # (1, H, W) uint8 or bool, {0, 1}
                     path: Path) -> None:
     "Write a binary mask as a 0/255 grayscale PNG, atomically."
-    from torchvision.io import encode_png
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torchvision\.io")  # torchvision 0.29+
-        data = encode_png((mask > 0).to(torch.uint8).mul(255).cpu()).numpy().tobytes()
-    atomic_write(path, data)
+    atomic_write(path, encode_image((mask > 0).to(torch.uint8).mul(255)))
 
 # %% ../nbs/03c_mask_tree.ipynb #ac575449
 def _read_log(path: Path) -> dict:
@@ -147,13 +144,11 @@ def _pin_settings(dst: Path, settings: dict):
 
 def _read_rgb(path: Path) -> Tensor:
     "An image file as a (3, H, W) uint8 tensor (grayscale and RGBA converted), or CorruptImageError."
-    from torchvision.io import ImageReadMode
-    return _decode(path, ImageReadMode.RGB)
+    return _decode(path, "RGB")
 
 def _fraction_of(png: Path) -> Optional[float]:
     "Foreground fraction of a mask PNG, or None if it cannot be read."
-    from torchvision.io import ImageReadMode
-    try: return (_decode(png, ImageReadMode.GRAY) > 0).float().mean().item()
+    try: return (_decode(png, "L") > 0).float().mean().item()
     except CorruptImageError: return None
 
 def _summary(dst: Path, rels: list, done: dict, written: int, unreadable: int) -> dict:

@@ -6,9 +6,9 @@
 from __future__ import annotations
 
 import gzip
+import io
 import math
 import os
-import re
 import struct
 import sys
 import warnings
@@ -16,6 +16,7 @@ import zlib
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -23,9 +24,9 @@ from torch.utils.data import Dataset
 from .data import TensorImages, resize_center_crop
 
 # %% auto #0
-__all__ = ['FASHION_MNIST_ROOT', 'FASHION_MNIST_CLASSES', 'VAL_SEED', 'VAL_ONE_IN', 'IMG_EXTENSIONS', 'read_idx', 'val_indices',
-           'FashionMNIST', 'CorruptImageError', 'read_mask', 'scan_image_folder', 'ImageFolderMasked',
-           'torchvision_dataset']
+__all__ = ['FASHION_MNIST_ROOT', 'FASHION_MNIST_CLASSES', 'VAL_SEED', 'VAL_ONE_IN', 'IMG_EXTENSIONS', 'DECODE_MODES', 'read_idx',
+           'val_indices', 'FashionMNIST', 'CorruptImageError', 'read_mask', 'encode_image', 'scan_image_folder',
+           'ImageFolderMasked', 'torchvision_dataset']
 
 # %% ../nbs/01c_readers.ipynb #cc7ee4e3
 _IDX_TYPES = {0x08: torch.uint8, 0x09: torch.int8, 0x0B: torch.int16, 0x0C: torch.int32, 0x0D: torch.float32, 0x0E: torch.float64}
@@ -100,27 +101,31 @@ class FashionMNIST(TensorImages):
 
 # %% ../nbs/01c_readers.ipynb #d8396940
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif")
+DECODE_MODES = ("RGB", "L")  # Pillow's names: three colour channels, or one gray channel
 
 class CorruptImageError(ValueError):
     "An image or mask file that cannot be decoded; the message names it."
 
-def _decode(path: Path, mode) -> Tensor:
-    "Decode an image file to a uint8 tensor, or raise `CorruptImageError` naming it."
-    from torchvision.io import decode_image, read_file
+def _decode(path: Path,
+            mode: str = "RGB",  # one of DECODE_MODES
+           ) -> Tensor:  # (3, H, W) for 'RGB', (1, H, W) for 'L'; uint8
+    "Decode an image file (its first frame) with Pillow, or raise `CorruptImageError` naming it."
+    from PIL import Image, UnidentifiedImageError
+    if mode not in DECODE_MODES: raise ValueError(f"mode must be one of {', '.join(DECODE_MODES)}, got {mode!r}")
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torchvision\.io")  # torchvision 0.29+
-            img = decode_image(read_file(str(path)), mode=mode)
-    except (RuntimeError, OSError) as e:
-        why = re.sub(r"^.*\.cpp:\d+,\s*", "", (str(e).splitlines() or [""])[0])[:120]  # drop the C++ source location
-        raise CorruptImageError(f"cannot decode {path}: {why}") from None
-    if img.dtype == torch.uint16: img = (img.to(torch.int32) >> 8).to(torch.uint8)  # 16-bit PNG: keep the top 8 bits
-    return img
+        with Image.open(path) as im:
+            im.load()
+            if im.mode.startswith("I"): im = Image.fromarray((np.asarray(im).astype(np.uint32) >> 8).astype(np.uint8))  # 16-bit gray PNG: the top 8 bits
+            a = np.asarray(im if im.mode == mode else im.convert(mode))  # (H, W) or (H, W, 3), read-only
+    except UnidentifiedImageError: raise CorruptImageError(f"cannot decode {path}: not an image Pillow can read") from None
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+        raise CorruptImageError(f"cannot decode {path}: {str(e)[:120]}") from None
+    t = torch.from_numpy(np.array(a))  # a writable copy, (H, W) or (H, W, 3)
+    return t[None] if t.ndim == 2 else t.permute(2, 0, 1)  # channels last in memory, as torchvision's decoder gave: resize reads it fastest
 
 def read_mask(path: Path, image_path: Path, size: tuple, threshold: Optional[float] = None) -> Tensor:
     "A binary (1, H, W) uint8 mask from a PNG, checked against its image's size (H, W)."
-    from torchvision.io import ImageReadMode
-    m = _decode(path, ImageReadMode.GRAY)
+    m = _decode(path, "L")
     if tuple(m.shape[-2:]) != tuple(size):
         raise ValueError(f"mask {path} is {tuple(m.shape[-2:])} but its image {image_path} is {tuple(size)} (H, W)")
     if threshold is not None: return (m > threshold).to(torch.uint8)
@@ -129,6 +134,19 @@ def read_mask(path: Path, image_path: Path, size: tuple, threshold: Optional[flo
     if vals <= {0, 255}: return (m > 0).to(torch.uint8)
     raise ValueError(f"mask {path} is not binary: values {sorted(vals)[:6]}{'...' if len(vals) > 6 else ''} "
                      "(expected {0, 1} or {0, 255}; pass mask_threshold to binarise)")
+
+# %% ../nbs/01c_readers.ipynb #c9f5e2a3
+def encode_image(image: Tensor,  # (C, H, W) uint8, C in 1, 3, 4 (gray, RGB, RGBA); on any device
+                 format: str = "PNG",  # any format Pillow writes: 'PNG', 'JPEG', 'WEBP', 'GIF'...
+                 **options,  # passed to Pillow's save (quality=95, lossless=True...)
+                ) -> bytes:
+    "The bytes of an image file holding `image`, by Pillow: what `_decode` reads back."
+    from PIL import Image
+    if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] not in (1, 3, 4):
+        raise ValueError(f"image must be a (C, H, W) uint8 tensor with C in 1, 3, 4, got {image.dtype} {tuple(image.shape)}")
+    buf = io.BytesIO()
+    Image.fromarray(image.permute(1, 2, 0).squeeze(-1).cpu().numpy()).save(buf, format=format, **options)
+    return buf.getvalue()
 
 # %% ../nbs/01c_readers.ipynb #526ae270
 def _walk(folder: Path) -> list[Path]:
@@ -202,9 +220,8 @@ class ImageFolderMasked(Dataset):
 
     def load(self, i: int):
         "Item `i`; raises `CorruptImageError` for a file that does not decode."
-        from torchvision.io import ImageReadMode
         path, label, mpath = self.samples[i]
-        image = _decode(path, ImageReadMode.RGB)
+        image = _decode(path, "RGB")
         mask = read_mask(mpath, path, image.shape[-2:], self.mask_threshold) if mpath is not None else None
         if self.image_size is not None: image, mask = resize_center_crop(image, mask, self.image_size)
         return image, mask, label

@@ -94,14 +94,14 @@ def test_eval_weights_take_either_exported_file_and_misfits_are_one_line(tmp_pat
 
 def test_a_train_only_folder_with_masks_trains_monitors_and_says_why_it_does_not_evaluate(tmp_path):
     import torch
-    from torchvision.io import encode_png
+    from relicv2.readers import encode_image
     g = torch.Generator().manual_seed(0)
     for c in ("a", "b"):
         for i in range(40):
             p = tmp_path / "tree" / "train" / c / f"{i}.png"; p.parent.mkdir(parents=True, exist_ok=True)
-            p.write_bytes(encode_png(torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8, generator=g)).numpy().tobytes())
+            p.write_bytes(encode_image(torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8, generator=g)))
             m = tmp_path / "masks" / "train" / c / f"{i}.png"; m.parent.mkdir(parents=True, exist_ok=True)
-            m.write_bytes(encode_png(torch.full((1, 16, 16), 255, dtype=torch.uint8)).numpy().tobytes())
+            m.write_bytes(encode_image(torch.full((1, 16, 16), 255, dtype=torch.uint8)))
     ds = f"data.dataset=imagefolder:{tmp_path / 'tree'},masks={tmp_path / 'masks'}"
     r = command("train_main", "--preset", "tiny", "--set", ds, "--set", f"train.out_dir={tmp_path / 'run'}",
                 "--set", "train.monitor_steps=2", "--set", "train.epochs=2", "--set", "data.train_subset=48")
@@ -223,7 +223,7 @@ def test_eval_official_keeps_every_row_in_its_state_folder(tmp_path):
 
 def test_eval_official_on_an_image_folder_of_mixed_sizes_shows_its_progress(tmp_path):
     import torch
-    from torchvision.io import write_jpeg, write_png
+    from relicv2.readers import encode_image
     g = torch.Generator().manual_seed(0)
     for split, n in (("train", 6), ("val", 4)):
         for c, colour in enumerate(((200, 40, 40), (40, 40, 200))):
@@ -232,7 +232,7 @@ def test_eval_official_on_an_image_folder_of_mixed_sizes_shows_its_progress(tmp_
                 h, w = 20 + 7 * i, 40 - 5 * i  # no two the same size: the crops make the batch
                 img = (torch.tensor(colour, dtype=torch.float)[:, None, None] + 30 * torch.randn(3, h, w, generator=g)).clamp(0, 255).to(torch.uint8)
                 p = tmp_path / "tree" / split / f"class{c}" / f"im{i}"
-                write_jpeg(img, f"{p}.jpg", quality=95) if i % 2 else write_png(img, f"{p}.png")
+                p.with_suffix(".jpg" if i % 2 else ".png").write_bytes(encode_image(img, "JPEG", quality=95) if i % 2 else encode_image(img))
     run_dir = tmp_path / "run"
     assert command("train_main", "--preset", "tiny", "--set", f"train.out_dir={run_dir}", "--no-eval").returncode == 0
     r = command("eval_main", "--preset", "tiny", "--weights", str(run_dir / "encoder.pt"), "--official", "--no-baselines",
@@ -245,11 +245,11 @@ def test_eval_official_on_an_image_folder_of_mixed_sizes_shows_its_progress(tmp_
 
 def test_an_error_inside_a_dataloader_worker_is_one_line_naming_the_file(tmp_path):
     import torch
-    from torchvision.io import write_png
+    from relicv2.readers import encode_image
     for c in ("a", "b"):
         (tmp_path / "tree" / "train" / c).mkdir(parents=True)
         for i in range(8):
-            write_png(torch.full((3, 16, 16), 30 * i, dtype=torch.uint8), str(tmp_path / "tree" / "train" / c / f"{i}.png"))
+            (tmp_path / "tree" / "train" / c / f"{i}.png").write_bytes(encode_image(torch.full((3, 16, 16), 30 * i, dtype=torch.uint8)))
     (tmp_path / "tree" / "train" / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     r = command("train_main", "--preset", "tiny", "--set", f"data.dataset=imagefolder:{tmp_path / 'tree'}", "--set", "data.image_size=16",
                 "--set", "data.num_workers=1", "--set", f"train.out_dir={tmp_path / 'run'}", "--no-progress")

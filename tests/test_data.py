@@ -14,8 +14,6 @@ from torch.utils.data import DataLoader
 from relicv2 import data as D, readers as R, synthetic as S
 from relicv2.config import DataConfig
 
-pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")
-
 
 # ----------------------------------------------------------------------------------------------------------- helpers
 def png_bytes(a: torch.Tensor, depth: int = 8) -> bytes:
@@ -32,8 +30,7 @@ def png_bytes(a: torch.Tensor, depth: int = 8) -> bytes:
 
 
 def jpeg_bytes(a: torch.Tensor) -> bytes:
-    from torchvision.io import encode_jpeg
-    return encode_jpeg(a).numpy().tobytes()
+    return R.encode_image(a, "JPEG")
 
 
 def rand_img(c=3, h=12, w=16, seed=0):

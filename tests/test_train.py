@@ -174,12 +174,12 @@ def test_tensorboard_logging(tmp_path):
 
 
 def test_train_subset_budgets_the_pretraining_set(tmp_path, monkeypatch):
-    from torchvision.io import encode_png
+    from relicv2.readers import encode_image
     g = torch.Generator().manual_seed(0)
     for c in ("a", "b"):  # a class-sorted folder: its first 32 images are all of class a
         for i in range(40):
             p = tmp_path / "tree" / "train" / c / f"{i}.png"; p.parent.mkdir(parents=True, exist_ok=True)
-            p.write_bytes(encode_png(torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8, generator=g)).numpy().tobytes())
+            p.write_bytes(encode_image(torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8, generator=g)))
     taken = []
 
     class Recording(torch.utils.data.Subset):
@@ -196,13 +196,13 @@ def test_train_subset_budgets_the_pretraining_set(tmp_path, monkeypatch):
 
 def test_monitor_draws_across_classes_and_prefers_a_val_split(tmp_path, monkeypatch):
     "The kNN monitor's images come from every class of a class-sorted folder, and it scores on `val` where one exists."
-    from torchvision.io import encode_png
+    from relicv2.readers import encode_image
     g = torch.Generator().manual_seed(0)
     for split, n in (("train", 30), ("val", 12), ("test", 12)):
         for c in ("a", "b", "c"):  # listed class by class: the first images of each split are all of class a
             for i in range(n):
                 p = tmp_path / "tree" / split / c / f"{i}.png"; p.parent.mkdir(parents=True, exist_ok=True)
-                p.write_bytes(encode_png(torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8, generator=g)).numpy().tobytes())
+                p.write_bytes(encode_image(torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8, generator=g)))
     seen = {}
     real = train.rdata.from_config
     def recording(data_cfg, split, **kw):
@@ -330,12 +330,12 @@ def test_mask_coverage_is_reported_and_masking_without_masks_is_warned(tmp_path)
     assert 0 < cover["images_with_mask"] <= cover["train_images"]
     shares = [r["masked_views"] for r in rows if "masked_views" in r]
     assert len(shares) == res.steps >= 4 and 0.2 < sum(shares) / len(shares) < 0.8  # about mask_prob of the large views
-    from torchvision.io import encode_png
+    from relicv2.readers import encode_image
     g = torch.Generator().manual_seed(0)
     for c in ("a", "b"):
         for i in range(16):
             p = tmp_path / "tree" / "train" / c / f"{i}.png"; p.parent.mkdir(parents=True, exist_ok=True)
-            p.write_bytes(encode_png(torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8, generator=g)).numpy().tobytes())
+            p.write_bytes(encode_image(torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8, generator=g)))
     cfg = tiny(tmp_path / "plain", **{"views.mask_prob": 0.5, "data.dataset": f"imagefolder:{tmp_path / 'tree'}", "train.monitor_steps": 0})
     with pytest.warns(UserWarning, match="views.mask_prob=0.5 but no training image has a mask"):
         fit(cfg, max_steps=1, progress=False)
