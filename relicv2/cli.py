@@ -153,11 +153,13 @@ def train_and_evaluate(cfg: RunConfig,  # the whole run, e.g. `preset("demo")`
     from relicv2.data import dataset_splits
     res = fit(cfg, resume=resume, max_steps=max_steps, progress=progress)
     if int(os.environ.get("RANK", "0")) != 0 or res.steps == 0: return TrainedRun(res)  # one process exports and evaluates
-    out = TrainedRun(res, export_encoder(res.online, res.run_dir))
+    enc = res.run_dir / "encoder.pt"
+    kept = res.finished_before and enc.is_file() and (res.run_dir / "encoder_torchvision.pt").is_file()  # a finished run's stay
+    out = TrainedRun(res, enc if kept else export_encoder(res.online, res.run_dir))
     if not evaluate or not [s for s in dataset_splits(cfg.data.dataset) if s != "train"]: return out
     out.n_classes = _n_classes(cfg)
     stored = res.run_dir / "eval.json"
-    if res.final_loss != res.final_loss and stored.exists():  # nan: no step ran now, the run had finished before
+    if res.finished_before and stored.exists():  # nothing was trained now: its evaluation stands
         out.results, out.stored = json.loads(stored.read_text()), True
     else:
         out.results = evaluate_run(cfg, res.online.encoder, progress=progress, baselines=baselines, state_dir=res.run_dir / "linear_eval")
@@ -183,8 +185,8 @@ def _train(args: argparse.Namespace, cfg: RunConfig) -> int:
     out = train_and_evaluate(cfg, resume=resume, max_steps=args.max_steps, evaluate=not args.no_eval, progress=progress)
     res = out.run
     if out.encoder is not None:  # process 0 of a run that has steps reports
-        done = (f"{res.steps} steps, final loss {res.final_loss:.4f}" if res.final_loss == res.final_loss  # nan: no step ran now
-                else f"the run had already finished its {res.steps} steps, nothing left to train")
+        done = (f"the run had already finished its {res.steps} steps (final loss {res.final_loss:.4f}), nothing left to train"
+                if res.finished_before else f"{res.steps} steps, final loss {res.final_loss:.4f}")
         print(f"relicv2-train: {done}; run directory {res.run_dir} "
               f"(checkpoint {res.checkpoint.name}, metrics.jsonl, loss.png, {out.encoder.name})"
               + (f"; the target keeps {100 * res.target_init_share:.2g}% of its random initial weights" if res.target_init_share is not None else ""))

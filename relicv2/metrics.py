@@ -11,7 +11,7 @@ from pathlib import Path
 from .config import atomic_write
 
 # %% auto #0
-__all__ = ['MetricsLog', 'plot_metrics']
+__all__ = ['MetricsLog', 'plot_metrics', 'stored_loss']
 
 # %% ../nbs/08b_metrics.ipynb #c89cdf19
 class MetricsLog:
@@ -22,7 +22,9 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"): stale.unlink(missing_ok=True)  # a killed rewrite's
         kept = [l for l in self.read(self.path) if l.get("step", 0) <= resume_step] if resume_step else []
-        atomic_write(self.path, "".join(json.dumps(l) + "\n" for l in kept))  # a kill here leaves the old file whole
+        text = "".join(json.dumps(l) + "\n" for l in kept)
+        if not self.path.exists() or self.path.read_text() != text:  # rewritten only when rows go (or a torn last line)
+            atomic_write(self.path, text)  # a kill here leaves the old file whole
         if tensorboard:
             try: from torch.utils.tensorboard import SummaryWriter
             except ImportError: raise ValueError("train.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
@@ -72,3 +74,10 @@ def plot_metrics(path: str | Path, out: str | Path | None = None, title: str = "
     fig.tight_layout()
     if out is not None: fig.savefig(out); plt.close(fig)
     return fig
+
+# %% ../nbs/08b_metrics.ipynb #8b0000b1
+def stored_loss(path: str | Path,  # a metrics file
+                step: int,  # the step whose loss is asked for
+               ) -> float:  # the loss logged at `step`; nan when no row has one
+    "The loss a metrics file logged at `step`: a finished run's final loss, read back without training."
+    return next((float(r["loss"]) for r in reversed(MetricsLog.read(path)) if r.get("step") == step and "loss" in r), float("nan"))

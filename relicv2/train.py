@@ -27,7 +27,7 @@ from . import data as rdata
 from .checkpoint import (CheckpointError, ResumableSampler, check_resumable, list_checkpoints,
                                 load_checkpoint, make_generators, remove_stale_temporaries, rng_state, save_checkpoint,
                                 seed_everything, set_rng_state)
-from .metrics import MetricsLog, plot_metrics
+from .metrics import MetricsLog, plot_metrics, stored_loss
 from .distributed import DistEnv, init_distributed, gather, gather_with_grad, sync_batchnorm
 from .networks import SupervisedNetwork, build_networks
 from .loss import ReLICv2Loss
@@ -59,17 +59,19 @@ class RunResult:
     "What `fit` leaves behind."
     run_dir: Path  # the run directory
     steps: int  # optimisation steps completed
-    final_loss: float  # loss of the last step (nan if no step ran)
+    final_loss: float  # loss of the last step (read back from metrics.jsonl for a finished run; nan if no step ever ran)
     checkpoint: Optional[Path]  # the last checkpoint written
     target_init_share: Optional[float] = None  # share of its random initial weights left in the target at the end (None: no target)
     online: torch.nn.Module = field(repr=False, default=None)  # the trained online network (encoder, projector, predictor)
+    finished_before: bool = False  # the run had reached its end before this call: nothing was trained or written
 
     def __repr__(self) -> str:  # the network by name and size: its full repr would fill a screen
         net = (f"{type(self.online).__name__} ({sum(p.numel() for p in self.online.parameters()):,} parameters)"
                if self.online is not None else None)
         share = None if self.target_init_share is None else f"{self.target_init_share:.3g}"
         return (f"RunResult(run_dir={str(self.run_dir)!r}, steps={self.steps}, final_loss={self.final_loss:.4g}, "
-                f"checkpoint={self.checkpoint.name if self.checkpoint else None!r}, target_init_share={share}, online={net})")
+                f"checkpoint={self.checkpoint.name if self.checkpoint else None!r}, target_init_share={share}, online={net}"
+                + (", finished_before=True)" if self.finished_before else ")"))
 
 def _autocast(device: torch.device, precision: str):
     if precision == "fp32": return nullcontext()
@@ -398,8 +400,11 @@ def fit(cfg: RunConfig,  # the whole run, e.g. `preset("demo")`
     # ---------------- resume ----------------
     if main: remove_stale_temporaries(run_dir)  # half-written checkpoints of a killed run: never resumed from
     step, ckpt = resume_state(p, run_dir, resume)
-    log = MetricsLog(run_dir / "metrics.jsonl", resume_step=step, enabled=main, tensorboard=tc.tensorboard)
+    end = tc.epochs * steps_per_epoch if max_steps is None else min(tc.epochs * steps_per_epoch, max_steps)
     init_share = target_init_share(p.momenta) if p.target is not None else None  # under 1% is what a short run wants
+    if step > 0 and step >= end:  # finished before: nothing to train, and its files stay as they are (bytes and times)
+        return RunResult(run_dir, step, stored_loss(run_dir / "metrics.jsonl", step), ckpt, init_share, p.online, finished_before=True)
+    log = MetricsLog(run_dir / "metrics.jsonl", resume_step=step, enabled=main, tensorboard=tc.tensorboard)
     if main:
         save_config(cfg, run_dir / "config.yaml")
         if step == 0:
@@ -407,7 +412,6 @@ def fit(cfg: RunConfig,  # the whole run, e.g. `preset("demo")`
             if n_with_mask is not None: log.write(step=0, epoch=0, images_with_mask=n_with_mask, train_images=len(dataset))
             if tc.monitor_steps: log.write(step=0, epoch=0, **monitor(p.online.encoder, cfg, env.device))  # the curve starts at init
     # ---------------- the loop ----------------
-    end = tc.epochs * steps_per_epoch if max_steps is None else min(tc.epochs * steps_per_epoch, max_steps)
     bar = Progress(end, "supervised training" if cfg.loss.objective == "supervised" else "pretraining", progress if main else False,
                    initial=step, per_unit=tc.batch_size)
     p.online.train()

@@ -112,12 +112,25 @@ def test_a_train_only_folder_with_masks_trains_monitors_and_says_why_it_does_not
 
 
 
-def test_running_a_finished_run_again_says_so(tmp_path):
-    args = ("--preset", "tiny", "--no-eval", "--set", f"train.out_dir={tmp_path / 'run'}")
-    first, again = command("train_main", *args), command("train_main", *args)
-    assert first.returncode == again.returncode == 0, again.stderr
-    assert "final loss" in first.stdout and "nan" not in again.stdout
-    assert "already finished its" in again.stdout, again.stdout
+def files_of(folder):
+    "{relative path: (modification time in ns, bytes)} of every file under `folder`."
+    return {p.relative_to(folder).as_posix(): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_finished_run_run_again_rewrites_nothing_and_reports_its_stored_final_loss(tmp_path):
+    import re
+    args = ("--preset", "tiny", "--set", f"train.out_dir={tmp_path / 'run'}", "--set", "eval.linear_epochs=2", "--no-progress")
+    first = command("train_main", *args)
+    assert first.returncode == 0, first.stderr
+    before = files_of(tmp_path / "run")
+    assert {"config.yaml", "metrics.jsonl", "loss.png", "encoder.pt", "encoder_torchvision.pt", "eval.json"} <= set(before), before.keys()
+    again = command("train_main", *args)
+    assert again.returncode == 0, again.stderr
+    assert files_of(tmp_path / "run") == before  # the same files, bytes and modification times: nothing written again
+    loss = re.search(r"4 steps, final loss (\d+\.\d{4})", first.stdout)[1]
+    assert f"already finished its 4 steps (final loss {loss}), nothing left to train" in again.stdout, again.stdout
+    table = lambda out: out[out.index("knn_top1"):]
+    assert table(again.stdout) == table(first.stdout)  # its stored evaluation, printed as the first run printed it
 
 
 def test_ablate_only_a_baseline(tmp_path):
