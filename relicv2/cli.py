@@ -18,8 +18,8 @@ from .progress import ProgressArg
 
 # %% auto #0
 __all__ = ['OFFICIAL_EVAL', 'config_parser', 'one_line', 'report', 'run_cli', 'export_encoder', 'evaluate_run', 'TrainedRun',
-           'accuracy_note', 'train_and_evaluate', 'train_main', 'load_run_encoder', 'eval_main', 'load_weights',
-           'ablate_main', 'saliency_parser', 'saliency_main', 'convert_parser', 'convert_main']
+           'accuracy_note', 'results_table', 'train_and_evaluate', 'train_main', 'load_run_encoder', 'eval_main',
+           'load_weights', 'ablate_main', 'saliency_parser', 'saliency_main', 'convert_parser', 'convert_main']
 
 # %% ../nbs/90_cli.ipynb #3e419218
 def config_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -127,15 +127,20 @@ class TrainedRun:
     n_classes: int = 0  # classes of the dataset, for the chance level
 
     def table(self) -> str:
-        "The results as `relicv2-train` prints them: kNN and linear top-1, the unit and the chance level."
-        from relicv2.evaluate import format_table
-        if self.results is None: return ""
-        return format_table(self.results, metrics=("knn_top1", "linear_top1")) + "\n" + accuracy_note(self.n_classes)
+        "The results as `relicv2-train` prints them (`results_table`)."
+        return "" if self.results is None else results_table(self.results, self.n_classes)
 
 def accuracy_note(n_classes: int) -> str:
     "The line under a results table: its unit and the chance level."
     chance = f"; chance is {100 / n_classes:.3g}% ({n_classes} classes)" if n_classes else ""
     return f"(accuracy in % on held-out images{chance})"
+
+def results_table(results: dict,  # {row: {split: {metric: %}}}, as in eval.json
+                  n_classes: int,  # classes of the dataset, for the chance level (0: unknown)
+                 ) -> str:
+    "The table both `relicv2-train` and `relicv2-eval` print: kNN and linear top-1 per split, the unit and the chance level."
+    from relicv2.evaluate import format_table
+    return format_table(results, metrics=("knn_top1", "linear_top1")) + "\n" + accuracy_note(n_classes)
 
 def _n_classes(cfg: RunConfig) -> int:
     from relicv2.data import from_config
@@ -194,8 +199,10 @@ def _train(args: argparse.Namespace, cfg: RunConfig) -> int:
             print("relicv2-train: the dataset has no split but train, so there is nothing held out to evaluate on; "
                   "give a labelled folder beside it to relicv2-eval (--set data.dataset=...)")
         elif out.results is not None:
-            if out.stored: print(f"relicv2-train: its stored evaluation ({res.run_dir / 'eval.json'}; relicv2-eval {res.run_dir} evaluates it again):")
             print(out.table())
+            print(f"relicv2-train: evaluation read back from {res.run_dir / 'eval.json'}, not written again (the run had finished "
+                  f"before; relicv2-eval {res.run_dir} evaluates it anew)" if out.stored else
+                  f"relicv2-train: evaluation written to {res.run_dir / 'eval.json'} (every metric, top-5 included)")
             if out.suites:
                 from relicv2.suites import format_suites
                 print(f"evaluation suites ({res.run_dir / 'suites.json'} has every metric):"); print(format_suites(out.suites))
@@ -241,12 +248,11 @@ class _Official(argparse.Action):
         namespace.overrides = OFFICIAL_EVAL + [o for o in namespace.overrides if o not in OFFICIAL_EVAL]
 
 def _eval(args: argparse.Namespace, cfg: RunConfig) -> int:
-    from relicv2.evaluate import format_table
     from relicv2.distributed import resolve_device
     if (args.run_dir is None) == (args.weights is None): raise ConfigError("give a run directory or --weights FILE (one of them)")
     if args.run_dir is not None:
         enc, cfg = load_run_encoder(args.run_dir, args.overrides)
-        name, state_dir = Path(args.run_dir).name, Path(args.run_dir) / "linear_eval"
+        name, state_dir = "trained", Path(args.run_dir) / "linear_eval"  # the row's name in relicv2-train's table
     else:
         enc, name = load_weights(args.weights, cfg), Path(args.weights).stem
         state_dir = Path(args.weights).with_name(f"{name}_linear_eval")
@@ -256,7 +262,12 @@ def _eval(args: argparse.Namespace, cfg: RunConfig) -> int:
     progress = False if args.no_progress else None
     # the floor first: the same evaluation of raw pixels and of the run's random init
     rows = evaluate_run(cfg, enc.to(dev), progress, baselines=not args.no_baselines, name=name, splits=splits, state_dir=state_dir)
-    print(format_table(rows)); print(accuracy_note(_n_classes(cfg)))
+    print(results_table(rows, _n_classes(cfg)))
+    run_json = Path(args.run_dir) / "eval.json" if args.run_dir else None  # relicv2-train's evaluation: never rewritten here
+    if args.out: atomic_write(Path(args.out), json.dumps(rows, indent=2) + "\n")
+    print(f"relicv2-eval: evaluation written to {args.out} (every metric, top-5 included)" + (f"; {run_json} is left as it was" if run_json else "")
+          if args.out else f"relicv2-eval: evaluation not written " + (f"to {run_json}, which keeps relicv2-train's" if run_json else "to a file")
+          + "; --out FILE writes it (every metric, top-5 included)")
     where = (Path(args.run_dir) if args.run_dir is not None else Path(args.weights).parent) / f"{name}_suites.json"
     suites = _suites(cfg, enc, rows, where, progress)
     if suites:
@@ -273,6 +284,8 @@ def eval_main(argv: list[str] | None = None) -> int:
                         "or what relicv2-convert wrote")
     parser.add_argument("--splits", default=None, metavar="A,B", help="held-out splits to read (default: the validation splits; test splits only when named)")
     parser.add_argument("--no-baselines", action="store_true", help="skip the raw-pixel and random-init rows")
+    parser.add_argument("--out", default=None, metavar="FILE", help="write the results, every metric (top-5 too), as JSON to FILE "
+                        "(default: none; a run's eval.json keeps relicv2-train's evaluation)")
     parser.add_argument("--official", nargs=0, action=_Official, help="the official linear evaluation: " + ", ".join(OFFICIAL_EVAL)
                         + " (a --set still overrides any of them)")
     parser.add_argument("--state-dir", default=None, metavar="DIR", help="with eval.protocol=augmented: where each row's probe and "

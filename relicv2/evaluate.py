@@ -244,26 +244,30 @@ def _drawn(n_items: int, n: int, salt: int = 0) -> list[int]:
 def monitor(encoder: torch.nn.Module,  # the online encoder, images in [0, 1] -> (B, D)
             cfg,  # the run's `RunConfig`: its dataset, view size and kNN settings
             device,  # where the features are computed
-            n_train: int = 2000, n_test: int = 1000,  # images the kNN is fitted on / scored on
-           ) -> dict:  # {'knn_top1': %, 'monitor_split': where it was scored}
-    "kNN top-1 (%) of `encoder` on drawn images of a held-out split (without one, of train), fitted on drawn training images."
-    splits = [s for s in _data.dataset_splits(cfg.data.dataset) if s != "train"]
+            n_train: int = 2000, n_test: int = 1000,  # images the kNN is fitted on / scored on (per split)
+           ) -> dict:  # {'knn_top1': % on the first split, 'monitor_split': its name, 'knn_top1_<split>': % on each other split}
+    "kNN top-1 (%) of `encoder` on drawn images of every held-out split the evaluation reads (without one, of train), fitted once on drawn training images."
     train_all = _data.from_config(cfg.data, "train", masks=False)  # the monitor never reads masks
-    if splits:  # a validation split where there is one (the final evaluation reports the others too)
-        held_out = next((s for s in splits if s in ("val", "valid", "validation")), splits[0])
-        test_all = _data.from_config(cfg.data, held_out, masks=False)
+    tests = {}  # split: the drawn images scored there
+    if [s for s in _data.dataset_splits(cfg.data.dataset) if s != "train"]:  # the splits the final evaluation reads by default
+        splits = held_out_splits(cfg.data.dataset)[0]
+        first = next((s for s in splits if s in ("val", "valid", "validation")), splits[0])
+        for s in (first, *(s for s in splits if s != first)):
+            test_all = _data.from_config(cfg.data, s, masks=False)
+            tests[s] = torch.utils.data.Subset(test_all, _drawn(len(test_all), n_test, salt=1))
         train_set = torch.utils.data.Subset(train_all, _drawn(len(train_all), n_train))
-        test_set = torch.utils.data.Subset(test_all, _drawn(len(test_all), n_test, salt=1))
     else:  # a train-only dataset: score on training images the kNN does not see, the same ones at every step
-        held_out = "train (held-out slice)"
         order = _drawn(len(train_all), len(train_all))
         n_fit = min(n_train, len(order) // 2)
         train_set = torch.utils.data.Subset(train_all, order[:n_fit])
-        test_set = torch.utils.data.Subset(train_all, order[n_fit:n_fit + n_test])
-    ftr, ytr = extract_features(encoder, train_set, image_size=cfg.views.large_size, device=device)
-    fte, yte = extract_features(encoder, test_set, image_size=cfg.views.large_size, device=device)
-    return {"knn_top1": knn_classify(ftr, ytr, fte, yte, k=min(cfg.eval.knn_k, len(ytr)), temperature=cfg.eval.knn_temperature)["top1"],
-            "monitor_split": held_out}
+        tests["train (held-out slice)"] = torch.utils.data.Subset(train_all, order[n_fit:n_fit + n_test])
+    ftr, ytr = extract_features(encoder, train_set, image_size=cfg.views.large_size, device=device)  # once, for every split
+    top1 = {}
+    for s, test_set in tests.items():
+        fte, yte = extract_features(encoder, test_set, image_size=cfg.views.large_size, device=device)
+        top1[s] = knn_classify(ftr, ytr, fte, yte, k=min(cfg.eval.knn_k, len(ytr)), temperature=cfg.eval.knn_temperature)["top1"]
+    first, *others = top1
+    return {"knn_top1": top1[first], "monitor_split": first, **{f"knn_top1_{s}": top1[s] for s in others}}
 
 # %% ../nbs/10_eval.ipynb #9685a89e
 _MOVED = ("AUGMENTED_SCALE", "CENTRE_CROP", "RandomCrops", "CentreCrops", "PROBE_FORMAT", "encoder_fingerprint", "augmented_linear_eval")

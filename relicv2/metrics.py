@@ -52,13 +52,13 @@ class MetricsLog:
         return rows
 
 def plot_metrics(path: str | Path, out: str | Path | None = None, title: str = ""):
-    "Plot loss terms, their gradient norms at the encoder (`train.trace_terms`) and kNN monitor accuracy of a metrics file; save a PNG to `out` if given."
+    "Plot loss terms, their gradient norms at the encoder (`train.trace_terms`) and the kNN monitor on every split it scored; save a PNG to `out` if given."
     import matplotlib; import matplotlib.pyplot as plt
     rows = MetricsLog.read(path)
     train = [r for r in rows if "loss" in r]; mon = [r for r in rows if "knn_top1" in r]
     traced = [r for r in train if "grad_norm_contrastive" in r]
     n = 1 + bool(traced) + bool(mon)
-    fig, axes = plt.subplots(1, n, figsize=(4.5 + 3.5 * (n - 1), 3), dpi=80, squeeze=False)
+    fig, axes = plt.subplots(1, n, figsize=(4.5 + 3.5 * (n - 1), 3), dpi=100, squeeze=False)
     ax = axes[0, 0]
     for k in ("loss", "contrastive", "invariance", "byol", "simclr", "cross_entropy"):
         if train and k in train[0]: ax.plot([r["step"] for r in train], [r[k] for r in train], label=k)
@@ -68,9 +68,12 @@ def plot_metrics(path: str | Path, out: str | Path | None = None, title: str = "
         for k, label in (("grad_norm_contrastive", "contrastive"), ("grad_norm_invariance", "alpha x invariance")):
             ax.plot([r["step"] for r in traced], [r[k] for r in traced], label=label)
         ax.set_yscale("log"); ax.set_xlabel("step"); ax.set_title("gradient norm at the encoder"); ax.legend()
-    if mon:
-        axes[0, -1].plot([r["step"] for r in mon], [r["knn_top1"] for r in mon], "o-")
-        axes[0, -1].set_xlabel("step"); axes[0, -1].set_title("kNN monitor top-1 (%)")
+    if mon:  # knn_top1 on monitor_split, knn_top1_<split> on each other held-out split (relicv2.evaluate.monitor)
+        ax = axes[0, -1]
+        ax.plot([r["step"] for r in mon], [r["knn_top1"] for r in mon], "o-", label=mon[-1].get("monitor_split", "held out"))
+        for k in dict.fromkeys(k for r in mon for k in r if k.startswith("knn_top1_")):
+            ax.plot([r["step"] for r in mon if k in r], [r[k] for r in mon if k in r], "o-", label=k[len("knn_top1_"):])
+        ax.set_xlabel("step"); ax.set_title("kNN monitor top-1 (%)"); ax.legend()
     fig.tight_layout()
     if out is not None: fig.savefig(out); plt.close(fig)
     return fig

@@ -12,6 +12,7 @@ import torch
 
 import relicv2.train as train
 from relicv2.config import preset, update
+from relicv2.metrics import plot_metrics
 from relicv2.train import CheckpointError, TrainingDiverged, fit, list_checkpoints, load_checkpoint
 
 # Views without randomness (whole-image crops, no colour ops), so that one and two processes see identical views.
@@ -413,6 +414,9 @@ def test_a_run_stopped_at_a_monitor_step_keeps_that_point_of_its_learning_curve(
     fit(cfg, progress=False)  # resumes from the checkpoint of step 2
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "knn_top1" in r] == [0, 2, 4]
+    # every held-out split the evaluation reads is monitored (tiny's generated data: test, and test_ood out of distribution)
+    assert all(r["monitor_split"] == "test" and "knn_top1_test_ood" in r for r in rows if "knn_top1" in r)
+    assert [line.get_label() for line in plot_metrics(tmp_path / "run" / "metrics.jsonl").axes[-1].get_lines()] == ["test", "test_ood"]
 
 
 def _tiny_deepusps(path):
