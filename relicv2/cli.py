@@ -18,8 +18,9 @@ from .progress import ProgressArg
 
 # %% auto #0
 __all__ = ['OFFICIAL_EVAL', 'config_parser', 'one_line', 'report', 'run_cli', 'export_encoder', 'evaluate_run', 'TrainedRun',
-           'accuracy_note', 'results_table', 'train_and_evaluate', 'train_main', 'load_run_encoder', 'eval_main',
-           'load_weights', 'ablate_main', 'saliency_parser', 'saliency_main', 'convert_parser', 'convert_main']
+           'accuracy_note', 'results_table', 'train_and_evaluate', 'target_note', 'train_main', 'load_run_encoder',
+           'eval_main', 'load_weights', 'ablate_main', 'saliency_parser', 'saliency_main', 'convert_parser',
+           'convert_main']
 
 # %% ../nbs/90_cli.ipynb #3e419218
 def config_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -183,6 +184,12 @@ def _suites(cfg: RunConfig, encoder, results: dict, path: Path, progress: Progre
     return out
 
 # %% ../nbs/90_cli.ipynb #adc091b8
+def target_note(share: float) -> str:
+    "What the EMA target's share of its random initial weights at the end of a run (the product of its momenta) says."
+    why = ("under 1%: it has forgotten its random start" if share < 0.01 else
+           "1% or more: in a run this short, a lower target.tau_base lets it forget its random start")
+    return f"the EMA target keeps {100 * share:.2g}% of its random initial weights (the product of its momenta; {why})"
+
 def _train(args: argparse.Namespace, cfg: RunConfig) -> int:
     from relicv2.distributed import shutdown_distributed
     resume = False if args.no_resume else (args.resume or True)
@@ -194,7 +201,7 @@ def _train(args: argparse.Namespace, cfg: RunConfig) -> int:
                 if res.finished_before else f"{res.steps} steps, final loss {res.final_loss:.4f}")
         print(f"relicv2-train: {done}; run directory {res.run_dir} "
               f"(checkpoint {res.checkpoint.name}, metrics.jsonl, loss.png, {out.encoder.name})"
-              + (f"; the target keeps {100 * res.target_init_share:.2g}% of its random initial weights" if res.target_init_share is not None else ""))
+              + (f"; {target_note(res.target_init_share)}" if res.target_init_share is not None else ""))
         if not args.no_eval and out.results is None:
             print("relicv2-train: the dataset has no split but train, so there is nothing held out to evaluate on; "
                   "give a labelled folder beside it to relicv2-eval (--set data.dataset=...)")

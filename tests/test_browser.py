@@ -16,8 +16,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BROWSER = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
-pytestmark = pytest.mark.skipif(BROWSER is None, reason="no Chromium on this machine (apt-get install chromium): "
-                                                        "the browser smoke test is skipped")
+NEEDS_BROWSER = pytest.mark.skipif(BROWSER is None, reason="no Chromium on this machine (apt-get install chromium): "
+                                                           "the browser smoke test is skipped")
 NOTEBOOK = "index.ipynb"  # short, with a title, prose, a table and a printed output
 
 
@@ -67,6 +67,7 @@ def lab(tmp_path):
         log.close()
 
 
+@NEEDS_BROWSER
 def test_a_notebook_renders_in_a_headless_browser(lab, tmp_path):
     url, nb = lab
     before = nb.read_bytes()
@@ -79,7 +80,7 @@ def test_a_notebook_renders_in_a_headless_browser(lab, tmp_path):
     assert nb.read_bytes() == before, "opening the notebook changed the file"
 
 
-def test_expected_reads_the_title_line_and_the_first_output():
+def test_expected_reads_the_title_line_and_the_first_output():  # a plain unit test: it runs with or without a browser
     nb = {"cells": [{"cell_type": "code", "source": ["#| hide"], "outputs": []},
                     {"cell_type": "markdown", "source": ["# t\n", "\n", "> one line\n"]},
                     {"cell_type": "code", "source": ["print(1)"], "outputs": [{"output_type": "stream", "text": ["a b\n", "c\n"]}]}]}

@@ -132,6 +132,7 @@ def test_a_finished_run_run_again_rewrites_nothing_and_reports_its_stored_final_
     table = lambda out: out[out.index("knn_top1"):out.index("(accuracy in %")]
     assert table(again.stdout) == table(first.stdout)  # its stored evaluation, printed as the first run printed it
     assert f"evaluation written to {tmp_path / 'run' / 'eval.json'}" in first.stdout
+    assert "of its random initial weights (the product of its momenta; 1% or more" in first.stdout  # said what it means
     assert f"evaluation read back from {tmp_path / 'run' / 'eval.json'}, not written again" in again.stdout
 
 

@@ -188,7 +188,8 @@ def test_train_subset_budgets_the_pretraining_set(tmp_path, monkeypatch):
             if not taken: taken.append((ds, list(indices)))  # the first Subset fit builds is the pretraining set
             super().__init__(ds, indices)
     monkeypatch.setattr(torch.utils.data, "Subset", Recording)
-    cfg = tiny(tmp_path / "run", **{"data.train_subset": 32, "data.dataset": f"imagefolder:{tmp_path / 'tree'}", "train.monitor_steps": 0})
+    cfg = tiny(tmp_path / "run", **{"data.train_subset": 32, "data.dataset": f"imagefolder:{tmp_path / 'tree'}", "train.monitor_steps": 0,
+                                    "views.mask_prob": 0})  # a folder without masks: no masking asked, no warning that none happens
     res = fit(cfg, progress=False)
     assert res.steps == 32 // 16
     ds, idx = taken[0]
