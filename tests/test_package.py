@@ -45,6 +45,12 @@ def test_readme_states_the_two_commands_ci_runs():
     steps = ["python3 -m venv .venv", ". .venv/bin/activate", 'pip install -q -e ".[dev]"', "\nnbdev_test", "\npytest"]
     at = [ci.find(step) for step in steps]
     assert -1 not in at and at == sorted(at), list(zip(steps, at))  # every step, in the README's order
+    # a machine without an NVIDIA GPU: the README's CPU form, met before anything is installed, and what CI does there
+    cpu = "--extra-index-url https://download.pytorch.org/whl/cpu"
+    assert venv + f"pip install -e . {cpu} && relicv2-train" in readme
+    assert readme.index(cpu) < readme.index('pip install -e ".[dev]"')
+    assert f"nvidia-smi -L >/dev/null 2>&1 || torch_index=({cpu})" in ci and 'pip install -q -e ".[dev]" "${torch_index[@]}"' in ci
+    assert "\npytest -q -rs" in ci  # the CI log gives the reason of every skipped test
 
 
 def test_console_scripts_resolve_and_answer_help():
