@@ -394,7 +394,9 @@ def parse_set(items: list[str]) -> dict:
     for item in items:
         key, eq, value = item.partition("=")
         if not eq or key.count(".") != 1 or not all(key.split(".")):
-            raise ConfigError(f"--set expects section.field=value (e.g. loss.alpha=0.5), got {item!r}")
+            owners = [f.name for f in dataclasses.fields(RunConfig) if key.strip() in _hints(f.default_factory)]
+            hint = f" (did you mean {owners[0]}.{key.strip()}={value.strip()}?)" if eq and len(owners) == 1 else ""
+            raise ConfigError(f"--set expects section.field=value (e.g. loss.alpha=0.5), got {item!r}{hint}")
         out[key.strip()] = value.strip()
     return out
 

@@ -1,7 +1,8 @@
 """Run the README's main job (`relicv2-train` with no arguments) in a scratch folder and record what it printed.
 
 Writes experiments/results/main_job.json: the evaluation table (eval.json of the run), the wall time of the whole
-command, the steps, and where it ran (CPU model, cores, math threads, torch). The README's main-job paragraph and
+command, the steps, and where it ran (CPU model, cores, math threads, torch); the earlier recordings' times and
+machines are kept in its `history`, so the README can give the range. The README's main-job paragraph and
 table are computed from that file (nbs/index.ipynb), so they change only when this script is run again.
 
 Usage: python scripts/record_main_job.py [--threads N] [--out experiments/results/main_job.json]
@@ -33,6 +34,9 @@ def main(argv=None) -> int:
     out = {"command": "relicv2-train", "results": results, "steps": steps, "wall_s": round(wall, 1),
            "stdout_tail": r.stdout.strip().splitlines()[-8:], **provenance()}
     if threads: out["threads"] = threads  # the child's, not this process's
+    keep = ("finished", "machine", "cpus", "threads", "torch", "steps", "wall_s")  # earlier recordings: where and how long
+    old = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else None
+    out["history"] = (old.get("history", []) + [{k: old[k] for k in keep if k in old}]) if old else []
     atomic_write(args.out, json.dumps(out, indent=1) + "\n")
     print(f"wrote {args.out}: {steps} steps in {wall / 60:.1f} min")
     return 0

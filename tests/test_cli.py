@@ -17,7 +17,7 @@ def run(*args, cwd=None):
     (["--set", "train.batch_size=abc"], "'train.batch_size' expects an int"),
     (["--set", "train.batch_size=0.5"], "'train.batch_size' expects an int"),
     (["--set", "loss.objective=simsiam"], "one of 'relicv2', 'infonce', 'byol', 'simclr'"),
-    (["--set", "alpha=0.5"], "section.field=value"),
+    (["--set", "alpha=0.5"], "did you mean loss.alpha=0.5?"),
     (["--config", "missing.yaml"], "does not exist"),
     # values of the right type that cannot work: refused with the field and its range, before any work
     (["--set", "train.batch_size=0"], "train.batch_size must be >= 1, got 0"),

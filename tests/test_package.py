@@ -49,7 +49,8 @@ def test_readme_states_the_two_commands_ci_runs():
     cpu = "--extra-index-url https://download.pytorch.org/whl/cpu"
     assert venv + f"pip install -e . {cpu} && relicv2-train" in readme
     assert readme.index(cpu) < readme.index('pip install -e ".[dev]"')
-    assert f"nvidia-smi -L >/dev/null 2>&1 || torch_index=({cpu})" in ci and 'pip install -q -e ".[dev]" "${torch_index[@]}"' in ci
+    assert "cpu_index=https://download.pytorch.org/whl/cpu" in ci and 'torch_index=(--extra-index-url "$cpu_index")' in ci
+    assert "if ! nvidia-smi -L" in ci and 'pip install -q -e ".[dev]" "${torch_index[@]}"' in ci
     assert "\npytest -q -rs" in ci  # the CI log gives the reason of every skipped test
 
 

@@ -7,7 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from torchvision.io import write_jpeg, write_png
+from relicv2.readers import _decode, encode_image
+
+
+def write_png(img, path): Path(path).write_bytes(encode_image(img, "PNG"))
+def write_jpeg(img, path, quality=95): Path(path).write_bytes(encode_image(img, "JPEG", quality=quality))
 
 from relicv2.data import ImageFolderMasked, SyntheticShapes
 from relicv2.saliency import CLASSICAL, binarize, clean_mask, otsu_threshold, saliency_to_mask
@@ -355,8 +359,7 @@ def test_cli_train_then_deepusps_masks_and_evaluate(synth, tmp_path):
     truth = tmp_path / "truth"
     for k, p in enumerate(sorted(imgs.rglob("*.*"))):
         q = truth / p.relative_to(imgs).with_suffix(".png"); q.parent.mkdir(parents=True, exist_ok=True)
-        from torchvision.io import decode_image
-        write_png((decode_image(str(p))[:1] > 127).to(torch.uint8) * 255, str(q))
+        write_png((_decode(p)[:1] > 127).to(torch.uint8) * 255, str(q))
     r = cli(imgs, "--evaluate", truth, "--split", "train", "--methods", "border,deepusps", "--weights", w)
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[0].split()[:3] == ["method", "iou", "mae"] and "deepusps" in r.stdout
