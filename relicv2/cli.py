@@ -139,9 +139,9 @@ def accuracy_note(n_classes: int) -> str:
 def results_table(results: dict,  # {row: {split: {metric: %}}}, as in eval.json
                   n_classes: int,  # classes of the dataset, for the chance level (0: unknown)
                  ) -> str:
-    "The table both `relicv2-train` and `relicv2-eval` print: kNN and linear top-1 per split, the unit and the chance level."
-    from relicv2.evaluate import format_table
-    return format_table(results, metrics=("knn_top1", "linear_top1")) + "\n" + accuracy_note(n_classes)
+    "The table both `relicv2-train` and `relicv2-eval` print: kNN and linear top-1 per split, the unit, the chance level and any row's note."
+    from relicv2.evaluate import format_table, table_notes
+    return "\n".join([format_table(results, metrics=("knn_top1", "linear_top1")), accuracy_note(n_classes), *table_notes(results)])
 
 def _n_classes(cfg: RunConfig) -> int:
     from relicv2.data import from_config

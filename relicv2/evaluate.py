@@ -19,14 +19,16 @@ from .probes import LBFGS_DECAYS, knn_classify, lbfgs_probe, linear_probe  # mov
 from .progress import ProgressArg, announce, track
 
 # %% auto #0
-__all__ = ['BASELINES', 'MONITOR_SEED', 'extract_features', 'evaluate', 'format_table', 'held_out_splits', 'evaluate_from_config',
-           'PixelEncoder', 'initial_encoder', 'baseline_encoder', 'recalibrate_bn', 'monitor']
+__all__ = ['PIXEL_BUDGET', 'BASELINES', 'MONITOR_SEED', 'extract_features', 'evaluate', 'format_table', 'held_out_splits',
+           'evaluate_from_config', 'PixelEncoder', 'initial_encoder', 'baseline_encoder', 'within_budget',
+           'table_notes', 'recalibrate_bn', 'monitor']
 
 # %% ../nbs/10_eval.ipynb #a623e6e0
 def _device_of(module: nn.Module, device) -> torch.device:
-    "`device`, or the device of the module's first parameter (CPU for a module without parameters)."
+    "`device`, or the device of the module's first parameter or buffer (CPU for a module with neither)."
     if device is not None: return torch.device(device)
     p = next(iter(module.parameters()), None)
+    if p is None: p = next(iter(module.buffers()), None)
     return p.device if p is not None else torch.device("cpu")
 
 def _to_input(images: Tensor,  # (B, 3, H, W) uint8
@@ -50,7 +52,8 @@ def extract_features(encoder: nn.Module,  # maps (B, 3, H, W) floats in [0, 1] t
                      dtype: Optional[torch.dtype] = None,  # autocast dtype (torch.bfloat16, torch.float16) or None: off
                      progress: ProgressArg = False,  # see `relicv2.progress.progress_mode`
                      desc: str = "features",  # the phase's name in the progress output
-                    ) -> tuple[Tensor, Tensor]:  # (N, D) float32 features and (N,) int64 labels, on the CPU
+                     keep_on_device: bool = False,  # leave features and labels on the encoder's device (the probes then run there)
+                    ) -> tuple[Tensor, Tensor]:  # (N, D) float32 features and (N,) int64 labels, on the CPU unless kept
     "Features of every image of `dataset` from the frozen encoder (eval mode, no grad), and the labels."
     if len(dataset) == 0: raise ValueError("dataset must not be empty")
     if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
@@ -65,8 +68,9 @@ def extract_features(encoder: nn.Module,  # maps (B, 3, H, W) floats in [0, 1] t
         for batch in track(loader, desc, progress, unit="batch", lines=1, announce=False, leave=False):
             x = _to_input(batch.images.to(dev, non_blocking=True), image_size)
             with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
-                feats.append(encoder(x).float().cpu())
-            labels.append(batch.labels)
+                f = encoder(x).float()
+            feats.append(f if keep_on_device else f.cpu())
+            labels.append(batch.labels.to(dev, non_blocking=True) if keep_on_device else batch.labels)
     finally: encoder.train(was_training)
     return torch.cat(feats), torch.cat(labels)
 
@@ -84,20 +88,28 @@ def evaluate(encoder: nn.Module,  # the frozen encoder (the online one), images 
              linear_solver: str = "sgd",  # `sgd` (BYOL's protocol, the three settings above) or `lbfgs` (`lbfgs_probe`)
              bn_recalibrate: int = 0,  # re-estimate BN statistics on this many whole training images first (0: off)
              batch_size: int = 256,  # images per forward pass of feature extraction
-             seed: int = 0,  # seeds the linear probe's shuffling
-             device=None,  # where the encoder runs; None: its parameters' device
+             num_workers: int = 0,  # DataLoader workers of feature extraction
+             max_feature_bytes: Optional[int] = None,  # draw every split down by one fraction so that the float32 features fit (None: all)
+             seed: int = 0,  # seeds the linear probe's shuffling (and a draw within max_feature_bytes)
+             device=None,  # where the encoder runs, and the probes with it; None: its parameters' device
              progress: ProgressArg = False,  # see `relicv2.progress.progress_mode`
              name: str = "encoder",  # what is evaluated, named in the progress output
-            ) -> dict[str, dict]:  # {split: {knn_top1, knn_top5, linear_top1, linear_top5}} in percent
-    "kNN and linear-probe accuracy of a frozen encoder on each test split, features computed once per split."
+            ) -> dict[str, dict]:  # {split: {knn_top1, knn_top5, linear_top1, linear_top5[, note]}} in percent
+    "kNN and linear-probe accuracy of a frozen encoder on each test split, features computed once per split on its device."
     if not isinstance(test_sets, dict) or not test_sets: raise ValueError(f"test_sets must be a non-empty dict {{name: Dataset}}, got {type(test_sets).__name__}")
     if linear_solver not in ("sgd", "lbfgs"): raise ValueError(f"eval.linear_solver must be one of 'sgd', 'lbfgs', got {linear_solver!r}")
-    kw = dict(image_size=image_size, batch_size=batch_size, device=device, progress=progress)
+    kw = dict(image_size=image_size, batch_size=batch_size, device=device, num_workers=num_workers, progress=progress, keep_on_device=True)
     if bn_recalibrate: encoder = recalibrate_bn(encoder, train_set, bn_recalibrate, image_size=image_size, batch_size=batch_size, device=device)
+    classes = getattr(train_set, "classes", None)
+    note = None
+    if max_feature_bytes is not None:  # e.g. raw pixels of ImageNet: 1.28M x 150528 floats would need 770 GB
+        width = extract_features(encoder, torch.utils.data.Subset(train_set, [0]), **{**kw, "progress": False})[0].shape[1]
+        (train_set, *tests_drawn), note = within_budget([train_set, *test_sets.values()], ["train", *test_sets], width,
+                                                        max_feature_bytes, seed, min_first=knn_k)
+        test_sets = dict(zip(test_sets, tests_drawn))
     train_x, train_y = extract_features(encoder, train_set, desc=f"{name}: train features", **kw)
     if int(train_y.min()) < 0: raise ValueError("train_set has items without a label (-1); evaluation needs a labelled dataset")
     tests = {s: extract_features(encoder, d, desc=f"{name}: {s} features", **kw) for s, d in test_sets.items()}
-    classes = getattr(train_set, "classes", None)
     n_classes = max([len(classes) if classes else 0, int(train_y.max()) + 1] + [int(y.max()) + 1 for _, y in tests.values()])
     announce(f"{name}: linear probe ({'L-BFGS' if linear_solver == 'lbfgs' else f'SGD, {linear_epochs} epochs'}) and kNN", progress)
     if linear_solver == "lbfgs": probe = lbfgs_probe(train_x, train_y, n_classes=n_classes, seed=seed)["classifier"]
@@ -110,7 +122,8 @@ def evaluate(encoder: nn.Module,  # the frozen encoder (the online one), images 
         order = _rank(probe(x))
         top5 = n_classes > 5  # with 5 classes or fewer, top-5 is 100% whatever the encoder: reported as None
         results[split] = dict(knn_top1=knn["top1"], knn_top5=knn["top5"] if top5 else None,
-                             linear_top1=_percent(_hits(order, y, 1)), linear_top5=_percent(_hits(order, y, 5)) if top5 else None)
+                             linear_top1=_percent(_hits(order, y, 1)), linear_top5=_percent(_hits(order, y, 5)) if top5 else None,
+                             **({"note": note} if note else {}))  # said in eval.json, and under the printed table (`table_notes`)
     return results
 
 # %% ../nbs/10_eval.ipynb #bc32fe6d
@@ -186,11 +199,21 @@ def evaluate_from_config(encoder: nn.Module,  # the frozen encoder
                     {s: dataset_from_config(cfg.data, s, masks=False, **dataset_kw) for s in splits},
                     image_size=cfg.views.large_size, knn_k=e.knn_k, knn_temperature=e.knn_temperature,
                     linear_epochs=e.linear_epochs, linear_batch_size=e.linear_batch_size, linear_base_lr=e.linear_base_lr,
-                    linear_solver=e.linear_solver, bn_recalibrate=e.bn_recalibrate, seed=cfg.train.seed, device=device, progress=progress, name=name)
+                    linear_solver=e.linear_solver, bn_recalibrate=e.bn_recalibrate, num_workers=cfg.data.num_workers,
+                    max_feature_bytes=getattr(encoder, "max_feature_bytes", None),  # raw pixels have a budget (below)
+                    seed=cfg.train.seed, device=device, progress=progress, name=name)
 
 # %% ../nbs/10_eval.ipynb #cb282a23
+PIXEL_BUDGET = 4 * 2**30  # float32 bytes of raw-pixel features (all splits together) above which that baseline is drawn down
+
 class PixelEncoder(nn.Module):
     "The raw-pixel baseline: an image's pixels, flattened, are its features."
+    max_feature_bytes = PIXEL_BUDGET  # `evaluate_from_config` draws its evaluation down to this (`within_budget`)
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("where", torch.empty(0), persistent=False)  # no weights: `.to(device)` is kept here, for `_device_of`
+
     def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, C * H * W)
         return x.flatten(1)
 
@@ -208,6 +231,35 @@ def baseline_encoder(name: str,  # one of BASELINES
     "The encoder of a named baseline: `raw-pixels` or `random-init`."
     if name not in BASELINES: raise ValueError(f"baseline must be one of {', '.join(BASELINES)}, got {name!r}")
     return PixelEncoder() if name == "raw-pixels" else initial_encoder(cfg)
+
+# %% ../nbs/10_eval.ipynb #149310a4
+def within_budget(datasets: list,  # the training set first, then each test split
+                  names: list,  # their names, for the note
+                  width: int,  # features per image
+                  max_bytes: int,  # bytes that all their float32 features together may take
+                  seed: int = 0,  # seeds the draws
+                  min_first: int = 1,  # fewest images kept of the first dataset (the kNN's k)
+                 ) -> tuple[list, Optional[str]]:  # the datasets (drawn `Subset`s when over budget) and the note that says so (None: all kept)
+    "Every dataset drawn down by one fraction so that their float32 features fit `max_bytes`, and a note saying so."
+    total = 4 * width * sum(len(d) for d in datasets)
+    if total <= max_bytes: return list(datasets), None
+    frac, out, kept = max_bytes / total, [], []
+    for i, (d, name) in enumerate(zip(datasets, names)):
+        n = min(len(d), max(min_first if i == 0 else 1, int(frac * len(d))))
+        idx = torch.randperm(len(d), generator=torch.Generator().manual_seed(seed + i))[:n].sort().values.tolist()
+        out.append(torch.utils.data.Subset(d, idx)); kept.append(f"{n} of {len(d)} {name} images")
+    def size(b): return f"{b / 2**30:.4g} GiB" if b >= 2**30 else f"{b / 2**20:.3g} MiB"
+    return out, (f"subsampled: {', '.join(kept)}, drawn by seed {seed}; the features of all of them would take {size(total)}, "
+                 f"over the budget of {size(max_bytes)}")
+
+def table_notes(results: dict,  # {row: {split: {metric: value, 'note': ...}}}, as `evaluate` returns per row
+               ) -> list[str]:  # 'row: note' once per row and note
+    "The notes of a results table's rows (a baseline drawn down within its budget says so), to print under it."
+    notes = {}
+    for row, splits in results.items():
+        for vals in splits.values():
+            if isinstance(vals, dict) and vals.get("note"): notes.setdefault(f"{row}: {vals['note']}", None)
+    return list(notes)
 
 # %% ../nbs/10_eval.ipynb #b77747d4
 @torch.no_grad()

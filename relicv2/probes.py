@@ -201,7 +201,8 @@ def linear_probe(train_feats: Tensor,  # (N, D) frozen features of the training 
     layer, opt, lrs, B, steps = _sgd_setup(D, C, N, epochs, batch_size, base_lr, momentum, weight_decay, dev)
     g = torch.Generator().manual_seed(seed)
     for epoch in range(epochs):
-        perm = torch.randperm(N, generator=g).to(dev)
+        perm = torch.randperm(N, generator=g)  # drawn on the host, so every device sees the same order
+        perm = (perm.pin_memory() if dev.type == "cuda" else perm).to(dev, non_blocking=True)  # pinned: no wait for the GPU
         for i in range(steps):
             idx = perm[i * B:(i + 1) * B]
             _sgd_step(layer, opt, float(lrs[epoch * steps + i]), z[idx], y[idx])

@@ -463,3 +463,18 @@ def test_probes_sit_below_evaluate():
     import subprocess, sys
     code = "import sys, relicv2.probes; assert not {'relicv2.evaluate', 'relicv2.official_eval'} & set(sys.modules), sorted(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_raw_pixel_baseline_is_drawn_down_within_its_budget_and_says_so(monkeypatch, encoder):
+    # what lets an ImageNet-size run write eval.json: raw pixels above PIXEL_BUDGET are drawn down, in the table's words
+    from relicv2.cli import results_table
+    from relicv2.evaluate import PIXEL_BUDGET, PixelEncoder
+    cfg = preset("tiny")  # 16 px images: 768 pixel values an image, 3 splits of 24 images
+    assert PixelEncoder.max_feature_bytes == PIXEL_BUDGET == 4 * 2**30
+    monkeypatch.setattr(PixelEncoder, "max_feature_bytes", 3 * 24 * 768 * 4 // 2)  # half of what they need
+    rows = {"raw pixels": evaluate_from_config(PixelEncoder(), cfg, n=24, cache_dir=False),
+            "random init": evaluate_from_config(encoder, cfg, n=24, cache_dir=False)}  # an encoder is never drawn down
+    note = rows["raw pixels"]["test"]["note"]
+    assert note.startswith("subsampled: 12 of 24 train images, 12 of 24 test images, 12 of 24 test_ood images, drawn by seed 0")
+    assert rows["raw pixels"]["test_ood"]["note"] == note and "note" not in rows["random init"]["test"]
+    assert results_table(rows, 10).splitlines()[-1] == f"raw pixels: {note}"

@@ -359,3 +359,75 @@ def test_fit_refuses_a_batch_that_cannot_fit_its_gpu_before_any_work(tmp_path, m
     with pytest.raises(ConfigError, match=r"the largest batch a process that fits is \d+"):
         T.fit(cfg, env=DistEnv(device=torch.device("cuda", 0)), progress=False)
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------- 4. evaluation on the encoder's device
+def stand_in_graph_backward(loss, *a, **k):
+    "`loss.backward()` where autograd cannot run (fake CUDA): zero gradients of each leaf of its graph, of its device and dtype."
+    stack, seen = [loss.grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or id(fn) in seen: continue
+        seen.add(id(fn))
+        if hasattr(fn, "variable"): fn.variable.grad = torch.zeros_like(fn.variable)  # an AccumulateGrad node: a leaf
+        stack.extend(f for f, _ in fn.next_functions)
+
+
+@contextlib.contextmanager
+def fake_cuda_eval():
+    "Patches under which `evaluate` runs on fake cuda:0: CUDA reported present, pinning a no-op, backward stood in for."
+    with contextlib.ExitStack() as stack:
+        for target, value in [("torch.cuda.is_available", lambda: True), ("torch.cuda.device_count", lambda: 1),
+                              ("torch.cuda.current_device", lambda: 0), ("torch.cuda.set_device", lambda d: None)]:
+            stack.enter_context(mock.patch(target, value))
+        stack.enter_context(mock.patch.object(torch.Tensor, "pin_memory", lambda self, *a, **k: self))
+        stack.enter_context(mock.patch.object(torch.Tensor, "backward", stand_in_graph_backward))
+        yield stack.enter_context(_FakeCuda(allow_non_fake_inputs=True))
+
+
+def _images(n: int, seed: int):
+    from relicv2.data import TensorImages
+    g = torch.Generator().manual_seed(seed)
+    return TensorImages(torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8, generator=g), torch.arange(n) % 4)
+
+
+@pytest.mark.parametrize("solver", ["sgd", "lbfgs"])
+def test_evaluation_runs_on_the_encoders_device_on_fake_cuda(solver):
+    # features stay on the device that computed them and every probe runs there (on the CPU nothing moves: test_evaluate)
+    import relicv2.evaluate as ev
+    from relicv2.encoder import resnet
+    torch.manual_seed(0)
+    encoder = resnet("resnet18", width=0.0625, small_stem=True)
+    seen = []
+    def recording(fn):
+        def call(train_feats, *a, **k):
+            seen.append((fn.__name__, train_feats.device)); return fn(train_feats, *a, **k)
+        return call
+    with mock.patch.object(ev, "knn_classify", recording(ev.knn_classify)), \
+         mock.patch.object(ev, "linear_probe", recording(ev.linear_probe)), \
+         mock.patch.object(ev, "lbfgs_probe", recording(ev.lbfgs_probe)), fake_cuda_eval():
+        encoder.to(CUDA0)
+        with SyncCounter() as sync:
+            out = ev.evaluate(encoder, _images(32, 0), {"val": _images(16, 1)}, knn_k=4, linear_epochs=3, linear_batch_size=8,
+                              linear_solver=solver, batch_size=16)
+    print(f"{solver}: {sync.total} host synchronisations\n{sync.table()}")
+    probe = "linear_probe" if solver == "sgd" else "lbfgs_probe"
+    assert seen == [(probe, CUDA0), ("knn_classify", CUDA0)]
+    assert set(out["val"]) == {"knn_top1", "knn_top5", "linear_top1", "linear_top5"}
+    assert sync.sites and not [k for k in sync.sites if k.startswith("copy to host")]  # no feature goes back to the host
+
+
+def test_the_sgd_probe_waits_for_the_device_as_often_for_any_number_of_epochs():
+    # the learning rates and the shuffles come from the host (a CPU generator: the same order as on the CPU; each epoch's
+    # through pinned memory), so the steps queue without waiting; only the input checks and the accuracies read values back
+    from relicv2.probes import linear_probe
+    counts = {}
+    for epochs in (1, 4):
+        with fake_cuda_eval():
+            x, y = torch.randn(64, 8, device=CUDA0), torch.arange(64, device=CUDA0) % 4
+            with SyncCounter() as sync:
+                r = linear_probe(x, y, x, y, n_classes=4, epochs=epochs, batch_size=16)
+        assert r["classifier"].weight.device == CUDA0
+        counts[epochs] = dict(sync.sites)
+        print(f"{epochs} epochs of 4 steps: {sync.total} host synchronisations\n{sync.table()}")
+    assert counts[1] == counts[4], (counts[1], counts[4])
