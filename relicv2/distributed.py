@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 # %% auto #0
 __all__ = ['resolve_device', 'DistEnv', 'init_distributed', 'shutdown_distributed', 'world_size', 'gather_with_grad', 'gather',
-           'all_reduce_with_grad', 'GlobalBatchNorm', 'sync_batchnorm']
+           'share', 'gather_shares', 'all_reduce_with_grad', 'GlobalBatchNorm', 'sync_batchnorm', 'LocalBatchNorm',
+           'local_batchnorm']
 
 # %% ../nbs/08_distributed.ipynb #fcca5331
 def resolve_device(name: str = "auto") -> torch.device:
@@ -96,6 +97,23 @@ def gather(x: torch.Tensor) -> torch.Tensor:
     dist.all_gather(out, x.contiguous())
     return torch.cat(out)
 
+# %% ../nbs/08_distributed.ipynb #fc9b5364
+def share(n: int,  # rows of the whole job (e.g. images to read)
+          rank: int,  # this process
+          world: int,  # processes
+         ) -> list[int]:  # ceil(n / world) row indexes: rank, rank + world, ..., then row n - 1 repeated as padding
+    "This process's interleaved share of n rows; every process gets as many (padded with the last row)."
+    rows = list(range(rank, n, world))
+    return rows + [n - 1] * (-(-n // world) - len(rows))
+
+def gather_shares(x: torch.Tensor,  # (ceil(n / W), ...) this process's results, one per row of its `share`
+                  n: int,  # rows of the whole job
+                 ) -> torch.Tensor:  # (n, ...) every process's results in row order, on every process
+    "Every process's share gathered back into the order of the n rows, padding dropped; the identity in one process."
+    W = world_size()
+    if W == 1: return x[:n]
+    return gather(x).unflatten(0, (W, x.shape[0])).transpose(0, 1).flatten(0, 1)[:n]
+
 # %% ../nbs/08_distributed.ipynb #68e70f3e
 class _AllReduceWithGrad(torch.autograd.Function):
     @staticmethod
@@ -146,4 +164,21 @@ def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
             new.to(next(child.parameters(), child.running_mean if child.track_running_stats else torch.empty(0)).device)
             setattr(module, name, new)
         else: sync_batchnorm(child, device)
+    return module
+
+# %% ../nbs/08_distributed.ipynb #9769e776
+class LocalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    "Batch norm over this process's batch alone, for any (N, C, ...) input: a synchronised one made local."
+    def _check_input_dim(self, x):
+        if x.dim() < 2: raise ValueError(f"LocalBatchNorm expects input of shape (N, C, ...), got {tuple(x.shape)}")
+
+def local_batchnorm(module: nn.Module) -> nn.Module:
+    "Replace every synchronised batch norm in `module` (`SyncBatchNorm`, `GlobalBatchNorm`) by a `LocalBatchNorm` (in place; returns it)."
+    for name, child in module.named_children():
+        if isinstance(child, (nn.SyncBatchNorm, GlobalBatchNorm)):
+            new = LocalBatchNorm(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
+            new.load_state_dict(child.state_dict())
+            where = next(iter([*child.parameters(), *child.buffers()]), None)
+            setattr(module, name, new.to(where.device if where is not None else "cpu").train(child.training))
+        else: local_batchnorm(child)
     return module

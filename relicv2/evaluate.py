@@ -13,7 +13,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from . import data as _data  # module attributes, looked up when called
-from .data import collate, dataset_splits, from_config as dataset_from_config
+from .data import TensorImages, collate, dataset_splits, from_config as dataset_from_config
+from .distributed import gather_shares, local_batchnorm, share
 from .probes import _check_int, _hits, _percent, _rank
 from .probes import LBFGS_DECAYS, knn_classify, lbfgs_probe, linear_probe  # moved to relicv2.probes; the old import path keeps working
 from .progress import ProgressArg, announce, track
@@ -21,7 +22,7 @@ from .progress import ProgressArg, announce, track
 # %% auto #0
 __all__ = ['PIXEL_BUDGET', 'BASELINES', 'MONITOR_SEED', 'extract_features', 'evaluate', 'format_table', 'held_out_splits',
            'evaluate_from_config', 'PixelEncoder', 'initial_encoder', 'baseline_encoder', 'within_budget',
-           'table_notes', 'recalibrate_bn', 'monitor']
+           'table_notes', 'recalibrate_bn', 'monitor_subsets', 'Monitor']
 
 # %% ../nbs/10_eval.ipynb #a623e6e0
 def _device_of(module: nn.Module, device) -> torch.device:
@@ -274,7 +275,7 @@ def recalibrate_bn(encoder: nn.Module,  # the frozen encoder (not modified)
     "A copy of `encoder` whose batch-norm running statistics are re-estimated on whole images (cumulative average)."
     import copy
     if isinstance(n, bool) or not isinstance(n, int) or n < 1: raise ValueError(f"eval.bn_recalibrate must be an int >= 1 here, got {n!r}")
-    enc = copy.deepcopy(encoder)
+    enc = local_batchnorm(copy.deepcopy(encoder))  # a SyncBN of a DDP run would wait for processes that are not here
     bns = [m for m in enc.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns: return enc
     dev = _device_of(enc, device)
@@ -293,12 +294,10 @@ def _drawn(n_items: int, n: int, salt: int = 0) -> list[int]:
     "`n` of `n_items` indexes drawn by `MONITOR_SEED` (+ salt): spread over the classes whatever order the items are in."
     return torch.randperm(n_items, generator=torch.Generator().manual_seed(MONITOR_SEED + salt))[:n].tolist()
 
-def monitor(encoder: torch.nn.Module,  # the online encoder, images in [0, 1] -> (B, D)
-            cfg,  # the run's `RunConfig`: its dataset, view size and kNN settings
-            device,  # where the features are computed
-            n_train: int = 2000, n_test: int = 1000,  # images the kNN is fitted on / scored on (per split)
-           ) -> dict:  # {'knn_top1': % on the first split, 'monitor_split': its name, 'knn_top1_<split>': % on each other split}
-    "kNN top-1 (%) of `encoder` on drawn images of every held-out split the evaluation reads (without one, of train), fitted once on drawn training images."
+def monitor_subsets(cfg,  # the run's `RunConfig`: its dataset
+                    n_train: int = 2000, n_test: int = 1000,  # images the kNN is fitted on / scored on (per split)
+                   ) -> tuple[Dataset, dict[str, Dataset]]:  # drawn training images, {split: drawn images scored there}
+    "The monitor's images: drawn training images and drawn images of every held-out split the evaluation reads (without one, of train)."
     train_all = _data.from_config(cfg.data, "train", masks=False)  # the monitor never reads masks
     tests = {}  # split: the drawn images scored there
     if [s for s in _data.dataset_splits(cfg.data.dataset) if s != "train"]:  # the splits the final evaluation reads by default
@@ -307,19 +306,44 @@ def monitor(encoder: torch.nn.Module,  # the online encoder, images in [0, 1] ->
         for s in (first, *(s for s in splits if s != first)):
             test_all = _data.from_config(cfg.data, s, masks=False)
             tests[s] = torch.utils.data.Subset(test_all, _drawn(len(test_all), n_test, salt=1))
-        train_set = torch.utils.data.Subset(train_all, _drawn(len(train_all), n_train))
-    else:  # a train-only dataset: score on training images the kNN does not see, the same ones at every step
-        order = _drawn(len(train_all), len(train_all))
-        n_fit = min(n_train, len(order) // 2)
-        train_set = torch.utils.data.Subset(train_all, order[:n_fit])
-        tests["train (held-out slice)"] = torch.utils.data.Subset(train_all, order[n_fit:n_fit + n_test])
-    ftr, ytr = extract_features(encoder, train_set, image_size=cfg.views.large_size, device=device)  # once, for every split
-    top1 = {}
-    for s, test_set in tests.items():
-        fte, yte = extract_features(encoder, test_set, image_size=cfg.views.large_size, device=device)
-        top1[s] = knn_classify(ftr, ytr, fte, yte, k=min(cfg.eval.knn_k, len(ytr)), temperature=cfg.eval.knn_temperature)["top1"]
-    first, *others = top1
-    return {"knn_top1": top1[first], "monitor_split": first, **{f"knn_top1_{s}": top1[s] for s in others}}
+        return torch.utils.data.Subset(train_all, _drawn(len(train_all), n_train)), tests
+    order = _drawn(len(train_all), len(train_all))  # a train-only dataset: score on training images the kNN does not see
+    n_fit = min(n_train, len(order) // 2)
+    tests["train (held-out slice)"] = torch.utils.data.Subset(train_all, order[n_fit:n_fit + n_test])
+    return torch.utils.data.Subset(train_all, order[:n_fit]), tests
+
+# %% ../nbs/10_eval.ipynb #abcf3b86
+def _decoded(dataset: Dataset, num_workers: int) -> TensorImages:
+    "Every image of `dataset` decoded once and kept in memory (uint8), with its label."
+    batches = list(DataLoader(dataset, batch_size=256, num_workers=num_workers, collate_fn=collate))
+    return TensorImages(torch.cat([b.images for b in batches]), torch.cat([b.labels for b in batches]))
+
+class Monitor:
+    "The online kNN monitor of a run: its drawn images decoded once; at each call every process computes the features of its share."
+    def __init__(self, cfg,  # the run's `RunConfig`: its dataset, view size, loader and kNN settings
+                 device,  # where the features are computed (this process's training device)
+                 rank: int = 0, world_size: int = 1,  # this process and how many take part (each reads ceil(n / world_size) images)
+                 n_train: int = 2000, n_test: int = 1000):  # images the kNN is fitted on / scored on (per split)
+        self.cfg, self.device = cfg, torch.device(device)
+        with torch.random.fork_rng(devices=[]):  # the global generator is left as it was (loaders draw their seeds from it)
+            train_set, tests = monitor_subsets(cfg, n_train, n_test)
+            def mine(ds): return _decoded(torch.utils.data.Subset(ds, share(len(ds), rank, world_size)), cfg.data.num_workers), len(ds)
+            self.train, self.tests = mine(train_set), {s: mine(d) for s, d in tests.items()}
+
+    def _features(self, encoder, part) -> tuple[Tensor, Tensor]:
+        images, n = part  # this process's share, and how many images there are in all
+        x, y = extract_features(encoder, images, image_size=self.cfg.views.large_size, device=self.device, keep_on_device=True)
+        return gather_shares(x, n), gather_shares(y, n)  # every process's features, in the order of the draw
+
+    def __call__(self, encoder: nn.Module,  # the online encoder, images in [0, 1] -> (B, D)
+                ) -> dict:  # {'knn_top1': % on the first split, 'monitor_split': its name, 'knn_top1_<split>': % on each other split}
+        "kNN top-1 (%) of `encoder` on every split, fitted on the training images; under DDP every process calls it and gets the same row."
+        with torch.random.fork_rng(devices=[]):
+            ftr, ytr = self._features(encoder, self.train)  # once, for every split
+            top1 = {s: knn_classify(ftr, ytr, *self._features(encoder, part), k=min(self.cfg.eval.knn_k, len(ytr)),
+                                    temperature=self.cfg.eval.knn_temperature)["top1"] for s, part in self.tests.items()}
+        first, *others = top1
+        return {"knn_top1": top1[first], "monitor_split": first, **{f"knn_top1_{s}": top1[s] for s in others}}
 
 # %% ../nbs/10_eval.ipynb #9685a89e
 _MOVED = ("AUGMENTED_SCALE", "CENTRE_CROP", "RandomCrops", "CentreCrops", "PROBE_FORMAT", "encoder_fingerprint", "augmented_linear_eval")

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from .config import ConfigError, RunConfig, save_config, to_dict
-from .evaluate import monitor  # the kNN learning curve (10_eval)
+from .evaluate import Monitor  # the kNN learning curve (10_eval)
 from . import data as rdata
 from .checkpoint import (CheckpointError, ResumableSampler, check_resumable, list_checkpoints,
                                 load_checkpoint, make_generators, remove_stale_temporaries, rng_state, save_checkpoint,
@@ -405,12 +405,15 @@ def fit(cfg: RunConfig,  # the whole run, e.g. `preset("demo")`
     if step > 0 and step >= end:  # finished before: nothing to train, and its files stay as they are (bytes and times)
         return RunResult(run_dir, step, stored_loss(run_dir / "metrics.jsonl", step), ckpt, init_share, p.online, finished_before=True)
     log = MetricsLog(run_dir / "metrics.jsonl", resume_step=step, enabled=main, tensorboard=tc.tensorboard)
+    # the kNN monitor's images, drawn and decoded once; every process keeps its share and takes part in every call
+    monitor = Monitor(cfg, env.device, env.rank, env.world_size) if tc.monitor_steps else None
+    knn_0 = monitor(p.online.encoder) if monitor and step == 0 else None  # the curve starts at init
     if main:
         save_config(cfg, run_dir / "config.yaml")
         if step == 0:
             if init_share is not None: log.write(step=0, epoch=0, target_init_share=init_share)
             if n_with_mask is not None: log.write(step=0, epoch=0, images_with_mask=n_with_mask, train_images=len(dataset))
-            if tc.monitor_steps: log.write(step=0, epoch=0, **monitor(p.online.encoder, cfg, env.device))  # the curve starts at init
+            if knn_0: log.write(step=0, epoch=0, **knn_0)
     # ---------------- the loop ----------------
     bar = Progress(end, "supervised training" if cfg.loss.objective == "supervised" else "pretraining", progress if main else False,
                    initial=step, per_unit=tc.batch_size)
@@ -428,8 +431,9 @@ def fit(cfg: RunConfig,  # the whole run, e.g. `preset("demo")`
             loss = check.item(); bar.update(1, loss=loss)
             meter.step(step, epoch, loss, terms, masked, end)
             # the learning curve, before any checkpoint of this step: a run resumed from it keeps the point
-            if tc.monitor_steps and main and (step % tc.monitor_steps == 0 or step == end):
-                log.write(step=step, epoch=epoch, **monitor(p.online.encoder, cfg, env.device)); p.online.train()
+            if monitor and (step % tc.monitor_steps == 0 or step == end):  # every process, none waiting for another
+                knn = monitor(p.online.encoder); p.online.train()
+                if main: log.write(step=step, epoch=epoch, **knn)
             if step % tc.ckpt_every == 0 and step < end: ckpt = write_checkpoint(p, run_dir, step, ckpt) or ckpt
             signum = stop_requested(stop, env)
             if signum and step < end:

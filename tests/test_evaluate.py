@@ -478,3 +478,27 @@ def test_the_raw_pixel_baseline_is_drawn_down_within_its_budget_and_says_so(monk
     assert note.startswith("subsampled: 12 of 24 train images, 12 of 24 test images, 12 of 24 test_ood images, drawn by seed 0")
     assert rows["raw pixels"]["test_ood"]["note"] == note and "note" not in rows["random init"]["test"]
     assert results_table(rows, 10).splitlines()[-1] == f"raw pixels: {note}"
+
+
+@pytest.mark.parametrize("kind", ["GlobalBatchNorm", "SyncBatchNorm"])  # what train.sync_bn gives on the CPU / on CUDA
+def test_bn_recalibration_of_a_sync_bn_encoder_calls_no_collective(monkeypatch, encoder, kind):
+    # the evaluation runs on process 0 alone: a synchronised BN there would wait for processes that have left (a hang)
+    import copy
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    from relicv2.distributed import sync_batchnorm
+    from relicv2.evaluate import recalibrate_bn
+    data = colour_set(12, size=16)
+    plain = recalibrate_bn(encoder, data, 12, batch_size=4)
+    synced = (sync_batchnorm(copy.deepcopy(encoder), torch.device("cpu")) if kind == "GlobalBatchNorm"
+              else nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(encoder)))
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)  # a job of two processes, this one rank 0
+    try:
+        def refuse(*a, **k): raise AssertionError("a collective in the recalibration")
+        monkeypatch.setattr(dist, "all_reduce", refuse)
+        monkeypatch.setattr(dist, "all_gather", refuse)
+        local = recalibrate_bn(synced, data, 12, batch_size=4)
+    finally: dist.destroy_process_group()
+    assert not any(isinstance(m, (nn.SyncBatchNorm,)) or type(m).__name__ == "GlobalBatchNorm" for m in local.modules())
+    for (k, a), b in zip(plain.state_dict().items(), local.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=k)

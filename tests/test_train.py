@@ -27,25 +27,34 @@ def tiny(out_dir, **kw):
 
 @pytest.mark.parametrize("objective", ["relicv2", "simclr"])  # simclr: other processes' rows are online negatives, with gradient
 def test_two_process_ddp_equals_one_process_on_the_global_batch(tmp_path, objective):
+    # the kNN monitor too (every process reads its share of the images: the same rows as one process), and for relicv2
+    # the evaluation after it, with BN recalibration of the SyncBN encoder on process 0 alone (it used to hang there)
     over = {**DETERMINISTIC_VIEWS, "loss.n_negatives": "none", "train.sync_bn": "true", "train.ckpt_every": 100,
-            "train.device": "cpu", "loss.objective": objective, "train.trace_terms": objective == "relicv2"}
+            "train.device": "cpu", "loss.objective": objective, "train.trace_terms": objective == "relicv2",
+            "train.monitor_steps": 2, "eval.bn_recalibrate": 24}
     sets = " ".join(f"--set {k}={v}" for k, v in over.items())
+    evaluate = [] if objective == "relicv2" else ["--no-eval"]
     one = subprocess.run([sys.executable, "-c", "import sys; from relicv2.cli import train_main; sys.exit(train_main())",
-                          "--preset", "tiny", "--no-eval", "--set", f"train.out_dir={tmp_path / 'one'}", *sets.split()],
+                          "--preset", "tiny", *evaluate, "--set", f"train.out_dir={tmp_path / 'one'}", *sets.split()],
                          capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "--no-python", "relicv2-train", "--preset", "tiny", "--no-eval",
+                          "--no-python", "relicv2-train", "--preset", "tiny", *evaluate,
                           "--set", f"train.out_dir={tmp_path / 'two'}", *sets.split()],
                          capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
-    rows = [[r for r in map(json.loads, (tmp_path / d / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
-            for d in ("one", "two")]  # the loss rows (row 0 holds the target's initial-weight share)
+    metrics = [[json.loads(l) for l in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("one", "two")]
+    rows = [[r for r in m if "loss" in r] for m in metrics]  # the loss rows (row 0 holds the target's initial-weight share)
     assert [r["step"] for r in rows[0]] == [r["step"] for r in rows[1]] == [1, 2, 3, 4]
     for a, b in zip(*rows):
         assert abs(a["loss"] - b["loss"]) < 1e-4 * max(1, abs(a["loss"])), (a["loss"], b["loss"])
         for k in ("grad_norm_contrastive", "grad_norm_invariance") if objective == "relicv2" else ():  # the global batch's
             assert abs(a[k] - b[k]) < 1e-4 * a[k], (k, a[k], b[k])
+    knn = [[{k: v for k, v in r.items() if k.startswith(("step", "knn", "monitor"))} for r in m if "knn_top1" in r] for m in metrics]
+    assert [r["step"] for r in knn[1]] == [0, 2, 4] and knn[0] == knn[1]
+    if objective == "relicv2":
+        e1, e2 = (json.loads((tmp_path / d / "eval.json").read_text()) for d in ("one", "two"))
+        assert list(e1) == list(e2) == ["raw pixels", "random init", "trained"] and e1["raw pixels"] == e2["raw pixels"]
     s1, s2 = (load_checkpoint(list_checkpoints(tmp_path / d)[-1]) for d in ("one", "two"))
     assert s2["world_size"] == 2 and len(s2["rng"]) == 2
     for name in ("online", "target") if objective != "simclr" else ("online",):
@@ -210,16 +219,26 @@ def test_monitor_draws_across_classes_and_prefers_a_val_split(tmp_path, monkeypa
     def recording(data_cfg, split, **kw):
         ds = real(data_cfg, split, **kw); seen[split] = ds; return ds
     monkeypatch.setattr(train.rdata, "from_config", recording)
-    scored = []
-    import relicv2.evaluate as ev
-    real_extract = ev.extract_features
-    def extract(encoder, ds, **kw):
-        scored.append({ds.dataset.samples[i][1] for i in ds.indices}); return real_extract(encoder, ds, **kw)
-    monkeypatch.setattr(ev, "extract_features", extract)
+    from relicv2.evaluate import monitor_subsets
     cfg = tiny(tmp_path / "run", **{"data.dataset": f"imagefolder:{tmp_path / 'tree'}"})
-    out = train.monitor(torch.nn.Sequential(torch.nn.Flatten()), cfg, torch.device("cpu"), n_train=20, n_test=10)
-    assert out["monitor_split"] == "val" and "test" not in seen
-    assert scored == [{0, 1, 2}, {0, 1, 2}]  # the first 20 training / 10 val images would be class a alone
+    fitted, scored = monitor_subsets(cfg, n_train=20, n_test=10)
+    assert list(scored) == ["val"] and "test" not in seen
+    assert [{ds.dataset.samples[i][1] for i in ds.indices} for ds in (fitted, scored["val"])] == [{0, 1, 2}, {0, 1, 2}]  # the first 20 / 10 would be class a alone
+    out = train.Monitor(cfg, "cpu", n_train=20, n_test=10)(torch.nn.Sequential(torch.nn.Flatten()))
+    assert out["monitor_split"] == "val" and list(out) == ["knn_top1", "monitor_split"]
+
+
+def test_the_monitor_decodes_its_images_once_a_run_and_changes_nothing_in_training(tmp_path, monkeypatch):
+    import relicv2.evaluate as ev
+    decoded, calls = [], []
+    real_decoded, real_call = ev._decoded, ev.Monitor.__call__
+    monkeypatch.setattr(ev, "_decoded", lambda ds, workers: decoded.append(len(ds)) or real_decoded(ds, workers))
+    monkeypatch.setattr(ev.Monitor, "__call__", lambda self, encoder: calls.append(1) or real_call(self, encoder))
+    watched = fit(tiny(tmp_path / "watched", **{"train.monitor_steps": 1}), progress=False)  # 4 steps: 5 monitor rows
+    assert len(calls) == 5 and len(decoded) == 3  # train, test and test_ood images decoded once, before step 0
+    plain = fit(tiny(tmp_path / "plain"), progress=False)  # tiny: no monitor
+    for (k, a), b in zip(plain.online.state_dict().items(), watched.online.state_dict().values()):
+        assert torch.equal(a, b), k  # no random draw and no weight moved by it
 
 
 def test_bf16_autocast_with_channels_last_on_cpu(tmp_path):
