@@ -31,6 +31,8 @@ class DataConfig:
     image_size: int = 224  # [B] side of the decoded uint8 images handed to the view generator
     num_workers: int = 0  # DataLoader workers; they only decode uint8 images and masks
     pin_memory: bool = False  # pin host memory (useful with a GPU)
+    gpu_workers: int = 8  # on a CUDA device: at least this many DataLoader workers a process (capped by its CPUs) and pinned
+                          # memory, whatever num_workers and pin_memory say (decoding off the training process); 0: as they say
     synthetic_size: int = 64  # [R] side of the generated images (`synthetic`, `spurious`)
     synthetic_train: int = 5000  # [R] number of generated training images
     spurious_correlation: float = 0.9  # [R] P(background family matches the class) in the generated train and test splits
@@ -134,6 +136,8 @@ class TrainConfig:
     monitor_steps: int = 500  # steps between online kNN monitor evaluations, also at the first and last step (0 = off)
     tensorboard: bool = False  # also log metrics for TensorBoard (needs the tensorboard package)
     trace_terms: bool = False  # at each logged step, also log each loss term's gradient norm at the encoder (extra backward passes)
+    cudnn_benchmark: bool = True  # on CUDA: cuDNN times its convolution algorithms for the fixed view shapes and keeps the fastest
+    tf32: bool = True  # on CUDA in fp32: TF32 matmuls and convolutions (10-bit mantissa, several times fp32's rate on A100/H100)
 
 @dataclass
 class EvalConfig:
@@ -249,7 +253,7 @@ _SUITES = ((lambda v: all(s.strip() in EVAL_SUITES for s in v.split(",")) if v e
            f"'' or comma-separated names of {', '.join(EVAL_SUITES)}")
 
 RANGES = {  # field -> (accepts(value), what it accepts); every float must also be finite
-    "data.image_size": _ge(1), "data.num_workers": _ge(0), "data.synthetic_size": _ge(8), "data.synthetic_train": _ge(1),
+    "data.image_size": _ge(1), "data.num_workers": _ge(0), "data.gpu_workers": _ge(0), "data.synthetic_size": _ge(8), "data.synthetic_train": _ge(1),
     "data.spurious_correlation": _PROB, "data.train_subset": _OPT_GE1, "data.masks": _MASKS, "data.classes": _CLASSES,
     "views.n_large": _ge(1), "views.n_small": _ge(0), "views.large_size": _ge(2), "views.small_size": _ge(2),
     "views.large_scale": _AREA, "views.small_scale": _AREA, "views.ratio": _POS_PAIR, "views.flip_prob": _PROB,

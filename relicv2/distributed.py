@@ -15,9 +15,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['resolve_device', 'DistEnv', 'init_distributed', 'shutdown_distributed', 'world_size', 'gather_with_grad', 'gather',
-           'share', 'gather_shares', 'all_reduce_with_grad', 'GlobalBatchNorm', 'sync_batchnorm', 'LocalBatchNorm',
-           'local_batchnorm']
+__all__ = ['resolve_device', 'DistEnv', 'init_distributed', 'shutdown_distributed', 'world_size', 'host_group', 'loader_workers',
+           'gather_with_grad', 'gather', 'share', 'gather_shares', 'all_reduce_with_grad', 'GlobalBatchNorm',
+           'sync_batchnorm', 'LocalBatchNorm', 'local_batchnorm']
 
 # %% ../nbs/08_distributed.ipynb #fcca5331
 def resolve_device(name: str = "auto") -> torch.device:
@@ -68,6 +68,27 @@ def shutdown_distributed():
 def world_size() -> int:
     "Number of processes in the job (1 without a process group)."
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+# %% ../nbs/08_distributed.ipynb #1bf3b195
+_HOST_GROUPS: dict = {}  # the default group -> its gloo twin, made once
+
+def host_group():
+    "A process group for CPU tensors that never waits for a GPU: None (the default group) under gloo or in one process, else a gloo group made once."
+    if world_size() == 1 or dist.get_backend() == "gloo": return None
+    default = dist.group.WORLD
+    if default not in _HOST_GROUPS: _HOST_GROUPS.clear(); _HOST_GROUPS[default] = dist.new_group(backend="gloo")  # every process, once
+    return _HOST_GROUPS[default]
+
+# %% ../nbs/08_distributed.ipynb #8b952dbe
+def loader_workers(data,  # a `DataConfig`: num_workers, pin_memory, gpu_workers
+                   device,  # this process's device
+                  ) -> tuple[int, bool]:  # DataLoader workers, pinned memory
+    "A process's DataLoader workers and pinning: as `data` says on the CPU; on a GPU at least `data.gpu_workers` workers, pinned."
+    if torch.device(device).type != "cuda": return data.num_workers, False  # pinning only serves copies to a GPU
+    if data.gpu_workers == 0: return data.num_workers, data.pin_memory
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    mine = max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1)  # this process's share of the node, less itself
+    return max(data.num_workers, min(data.gpu_workers, mine)), True
 
 # %% ../nbs/08_distributed.ipynb #72429f05
 class _GatherWithGrad(torch.autograd.Function):

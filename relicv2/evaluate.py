@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import data as _data  # module attributes, looked up when called
 from .data import TensorImages, collate, dataset_splits, from_config as dataset_from_config
-from .distributed import gather_shares, local_batchnorm, share
+from .distributed import gather_shares, loader_workers, local_batchnorm, share
 from .probes import _check_int, _hits, _percent, _rank
 from .probes import LBFGS_DECAYS, knn_classify, lbfgs_probe, linear_probe  # moved to relicv2.probes; the old import path keeps working
 from .progress import ProgressArg, announce, track
@@ -183,7 +183,7 @@ def evaluate_from_config(encoder: nn.Module,  # the frozen encoder
     splits = tuple(splits)
     if not splits or any(s not in available for s in splits):
         raise ValueError(f"splits must be a non-empty subset of {', '.join(s for s in available if s != 'train')}, got {splits!r}")
-    e = cfg.eval
+    e, workers = cfg.eval, loader_workers(cfg.data, _device_of(encoder, device))[0]  # on a GPU: at least data.gpu_workers
     if e.protocol not in ("features", "augmented"): raise ValueError(f"eval.protocol must be one of 'features', 'augmented', got {e.protocol!r}")
     if e.protocol == "augmented":  # the images at their own size: the crops are taken from the whole of each
         from relicv2.official_eval import CentreCrops, augmented_linear_eval  # here: that module imports this one
@@ -195,12 +195,12 @@ def evaluate_from_config(encoder: nn.Module,  # the frozen encoder
         return augmented_linear_eval(encoder, train_set, {s: split_set(s) for s in splits}, image_size=cfg.views.large_size,
                                      epochs=e.linear_epochs, batch_size=e.linear_batch_size, base_lr=e.linear_base_lr,
                                      crop_fraction=e.crop_fraction, seed=cfg.train.seed, device=device,
-                                     num_workers=cfg.data.num_workers, state_dir=state_dir, progress=progress, name=name)
+                                     num_workers=workers, state_dir=state_dir, progress=progress, name=name)
     return evaluate(encoder, dataset_from_config(cfg.data, "train", masks=False, **dataset_kw),  # evaluation reads no masks
                     {s: dataset_from_config(cfg.data, s, masks=False, **dataset_kw) for s in splits},
                     image_size=cfg.views.large_size, knn_k=e.knn_k, knn_temperature=e.knn_temperature,
                     linear_epochs=e.linear_epochs, linear_batch_size=e.linear_batch_size, linear_base_lr=e.linear_base_lr,
-                    linear_solver=e.linear_solver, bn_recalibrate=e.bn_recalibrate, num_workers=cfg.data.num_workers,
+                    linear_solver=e.linear_solver, bn_recalibrate=e.bn_recalibrate, num_workers=workers,
                     max_feature_bytes=getattr(encoder, "max_feature_bytes", None),  # raw pixels have a budget (below)
                     seed=cfg.train.seed, device=device, progress=progress, name=name)
 
@@ -327,7 +327,8 @@ class Monitor:
         self.cfg, self.device = cfg, torch.device(device)
         with torch.random.fork_rng(devices=[]):  # the global generator is left as it was (loaders draw their seeds from it)
             train_set, tests = monitor_subsets(cfg, n_train, n_test)
-            def mine(ds): return _decoded(torch.utils.data.Subset(ds, share(len(ds), rank, world_size)), cfg.data.num_workers), len(ds)
+            workers = loader_workers(cfg.data, self.device)[0]
+            def mine(ds): return _decoded(torch.utils.data.Subset(ds, share(len(ds), rank, world_size)), workers), len(ds)
             self.train, self.tests = mine(train_set), {s: mine(d) for s, d in tests.items()}
 
     def _features(self, encoder, part) -> tuple[Tensor, Tensor]:

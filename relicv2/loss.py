@@ -116,13 +116,24 @@ def kl_invariance(log_p_o: Tensor,  # (A, K) log p_o, differentiable
 
 # %% ../nbs/05_loss.ipynb #87555bc9
 def _check_anchors(anchors, n, device) -> Tensor:
+    "The (A,) long anchor rows, checked against N: None is every row; a `range` is checked on the host, a tensor by one read."
     if anchors is None: return torch.arange(n, device=device)
+    if isinstance(anchors, range):  # the trainer's own rows: known on the host, so checking them costs the device nothing
+        if len(anchors) == 0 or min(anchors[0], anchors[-1]) < 0 or max(anchors[0], anchors[-1]) >= n:
+            raise ValueError(f"anchors must be row indices in [0, {n - 1}] for this batch of N={n}, got {anchors!r}")
+        return torch.arange(anchors.start, anchors.stop, anchors.step, device=device)
     anchors = torch.as_tensor(anchors, device=device)
     if anchors.ndim != 1 or anchors.numel() == 0 or anchors.dtype.is_floating_point or anchors.dtype == torch.bool:
-        raise ValueError(f"anchors must be None or a non-empty 1-D integer tensor of row indices, got {anchors!r}")
-    if anchors.min() < 0 or anchors.max() >= n:
-        raise ValueError(f"anchors must be row indices in [0, {n - 1}] for this batch of N={n}")
+        raise ValueError(f"anchors must be None, a range or a non-empty 1-D integer tensor of row indices, got {anchors!r}")
+    lo, hi = torch.stack([anchors.min(), anchors.max()]).tolist()  # one read of the device (it waits for the GPU)
+    if lo < 0 or hi >= n: raise ValueError(f"anchors must be row indices in [0, {n - 1}] for this batch of N={n}")
     return anchors.long()
+
+def _anchors_once(views: Sequence[Tensor], anchors) -> Optional[Tensor]:
+    "A multi-pair loss's anchors, checked once against its first view's rows (a bad view is left to its pair's own check)."
+    x = views[0]
+    if not isinstance(x, Tensor) or x.ndim != 2: return anchors
+    return _check_anchors(anchors, x.shape[0], x.device)
 
 def _check_batch(n: int, n_negatives: Optional[int]) -> None:
     if n < 2: raise ValueError(f"o and t need at least 2 rows (images) so that there is a negative, got N={n}")
@@ -132,12 +143,11 @@ def _check_batch(n: int, n_negatives: Optional[int]) -> None:
 def _detached(terms: dict) -> dict:
     return {k: v.detach() for k, v in terms.items()}
 
-def _pair_loss(o: Tensor, t: Tensor, p: LossParams, anchors: Optional[Tensor], generator: Optional[torch.Generator]):
-    "`pair_loss` with its knobs already checked (in `p`), its terms with their graph: what the view grid calls for each pair."
+def _pair_loss(o: Tensor, t: Tensor, p: LossParams, anchors: Tensor, generator: Optional[torch.Generator]):
+    "`pair_loss` with its knobs (in `p`) and anchors already checked, its terms with their graph: what the view grid calls for each pair."
     _check_pair(o, t)
     n = o.shape[0]
     _check_batch(n, p.n_negatives)
-    anchors = _check_anchors(anchors, n, o.device)
     with torch.autocast(o.device.type, enabled=False):  # float32 even under autocast
         o, t = prepare(o, t)
         idx = contrast_indices(n, anchors, p.n_negatives, generator)
@@ -150,12 +160,14 @@ def _pair_loss(o: Tensor, t: Tensor, p: LossParams, anchors: Optional[Tensor], g
 def pair_loss(o: Tensor,  # (N, D) online predictor outputs (normalised inside)
               t: Tensor,  # (N, D) target projections of the same N images (detached and normalised inside)
               *,
-              anchors: Optional[Tensor] = None,  # (A,) long rows to compute the loss for; default all N
+              anchors: Optional[Tensor | range] = None,  # (A,) long rows to compute the loss for (a range: checked on the host); default all N
               generator: Optional[torch.Generator] = None,  # RNG for the negatives (any device)
               **params,  # `LossParams` fields: tau, alpha, n_negatives, beta, kl_direction
              ) -> tuple[Tensor, dict[str, Tensor]]:  # mean loss over anchors, {'contrastive', 'invariance'} detached
     "ReLICv2 loss of one (online view, target view) pair: InfoNCE over a sampled contrast set + alpha * KL invariance."
-    loss, terms = _pair_loss(o, t, LossParams(**params), anchors, generator)
+    p = LossParams(**params)
+    _check_pair(o, t)
+    loss, terms = _pair_loss(o, t, p, _check_anchors(anchors, o.shape[0], o.device), generator)
     return loss, _detached(terms)
 
 
@@ -194,13 +206,15 @@ def mean_over_pairs(pair_fn: Callable[[Tensor, Tensor], tuple[Tensor, dict]],  #
     return total / len(pairs), {k: v / len(pairs) for k, v in terms.items()}
 
 def _relicv2_loss(online_large, online_small, target_large, p: LossParams, anchors, generator):
+    _check_views(online_large, online_small, target_large)
+    anchors = _anchors_once(online_large, anchors)  # once for the (L + S) x L pairs, not once a pair
     return mean_over_pairs(lambda o, t: _pair_loss(o, t, p, anchors, generator), online_large, online_small, target_large)
 
 def relicv2_loss(online_large: Sequence[Tensor],  # L tensors (N, D): online predictor outputs of the large views
                  online_small: Sequence[Tensor],  # S tensors (N, D): online predictor outputs of the small views
                  target_large: Sequence[Tensor],  # L tensors (N, D): target projections of the large views
                  *,
-                 anchors: Optional[Tensor] = None,  # (A,) long rows to compute the loss for; default all N
+                 anchors: Optional[Tensor | range] = None,  # (A,) long rows to compute the loss for; default all N
                  generator: Optional[torch.Generator] = None,  # RNG for the negatives
                  **params,  # `LossParams` fields: tau, alpha, n_negatives, beta, kl_direction (checked once, for all pairs)
                 ) -> tuple[Tensor, dict[str, Tensor]]:  # loss, {'contrastive', 'invariance'} averaged over pairs
@@ -238,7 +252,7 @@ def relic_v1_loss(online_large: Sequence[Tensor],  # L >= 2 tensors (N, D): onli
                   online_small: Sequence[Tensor],  # S tensors (N, D): online predictor outputs of the small views
                   target_large: Sequence[Tensor],  # L tensors (N, D): target projections of the large views
                   *,
-                  anchors: Optional[Tensor] = None,  # (A,) long rows to compute the loss for; default all N
+                  anchors: Optional[Tensor | range] = None,  # (A,) long rows to compute the loss for; default all N
                   generator: Optional[torch.Generator] = None,  # RNG for the negatives
                   **params,  # `LossParams` fields: tau, alpha, n_negatives, beta, kl_direction
                  ) -> tuple[Tensor, dict[str, Tensor]]:  # loss, {'contrastive', 'invariance'} detached
@@ -250,11 +264,15 @@ def relic_v1_loss(online_large: Sequence[Tensor],  # L >= 2 tensors (N, D): onli
 def byol_pair_loss(o: Tensor,  # (N, D) online predictor outputs
                    t: Tensor,  # (N, D) target projections of the same images
                    *,
-                   anchors: Optional[Tensor] = None,  # (A,) long rows to average over; default all
+                   anchors: Optional[Tensor | range] = None,  # (A,) long rows to average over; default all
                   ) -> tuple[Tensor, dict[str, Tensor]]:  # mean loss over anchors, {'byol'} detached
     "BYOL's normalised MSE, 2 - 2 cos(o_i, t_i), averaged over anchors; no negatives."
     _check_pair(o, t)
-    anchors = _check_anchors(anchors, o.shape[0], o.device)
+    return _byol_pair_loss(o, t, _check_anchors(anchors, o.shape[0], o.device))
+
+def _byol_pair_loss(o: Tensor, t: Tensor, anchors: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    "`byol_pair_loss` with its anchors already checked."
+    _check_pair(o, t)
     with torch.autocast(o.device.type, enabled=False):
         o, t = prepare(o, t)
         loss = (2 - 2 * (o[anchors] * t[anchors]).sum(1)).mean()
@@ -265,11 +283,10 @@ def _unit(x: Tensor) -> Tensor:
     "Rows L2-normalised, in at least float32, keeping their gradient (both sides of SimCLR's similarities are online)."
     return F.normalize(x.to(torch.promote_types(x.dtype, torch.float32)), dim=-1)
 
-def _simclr_pair_loss(a: Tensor, b: Tensor, p: LossParams, anchors: Optional[Tensor], generator: Optional[torch.Generator]):
+def _simclr_pair_loss(a: Tensor, b: Tensor, p: LossParams, anchors: Tensor, generator: Optional[torch.Generator]):
     _check_pair(a, b)
     n = a.shape[0]
     _check_batch(n, p.n_negatives)
-    anchors = _check_anchors(anchors, n, a.device)
     with torch.autocast(a.device.type, enabled=False):  # float32 even under autocast
         idx = contrast_indices(n, anchors, p.n_negatives, generator)
         loss = -anchored_log_probs(_unit(a), _unit(b), idx, p.tau, p.beta)[:, 0].mean()  # the positive is column 0
@@ -278,21 +295,25 @@ def _simclr_pair_loss(a: Tensor, b: Tensor, p: LossParams, anchors: Optional[Ten
 def simclr_pair_loss(a: Tensor,  # (N, D) online projections of one view: the anchors' side
                      b: Tensor,  # (N, D) online projections of another view of the same N images: positives and negatives
                      *,
-                     anchors: Optional[Tensor] = None,  # (A,) long rows to compute the loss for; default all N
+                     anchors: Optional[Tensor | range] = None,  # (A,) long rows to compute the loss for; default all N
                      generator: Optional[torch.Generator] = None,  # RNG for the negatives
                      **params,  # `LossParams` fields: tau, n_negatives, beta (alpha and the KL fields play no part)
                     ) -> tuple[Tensor, dict[str, Tensor]]:  # mean loss over anchors, {'simclr'} detached
     "SimCLR's loss of one ordered pair of views: InfoNCE of a_i against the rows of b, with gradient through both."
-    return _simclr_pair_loss(a, b, LossParams(**params), anchors, generator)
+    p = LossParams(**params)
+    _check_pair(a, b)
+    return _simclr_pair_loss(a, b, p, _check_anchors(anchors, a.shape[0], a.device), generator)
 
 def _simclr_loss(online_large, online_small, p: LossParams, anchors, generator):
+    _check_views(online_large, online_small, online_large)
+    anchors = _anchors_once(online_large, anchors)
     return mean_over_pairs(lambda a, b: _simclr_pair_loss(a, b, p, anchors, generator), online_large, online_small,
                            online_large, include_same=False)  # the large views' online outputs are the keys
 
 def simclr_loss(online_large: Sequence[Tensor],  # L tensors (N, D): online projections of the large views
                 online_small: Sequence[Tensor],  # S tensors (N, D): online projections of the small views
                 *,
-                anchors: Optional[Tensor] = None,  # (A,) long rows to compute the loss for; default all N
+                anchors: Optional[Tensor | range] = None,  # (A,) long rows to compute the loss for; default all N
                 generator: Optional[torch.Generator] = None,  # RNG for the negatives
                 **params,  # `LossParams` fields: tau, n_negatives, beta
                ) -> tuple[Tensor, dict[str, Tensor]]:  # loss, {'simclr'} averaged over pairs
@@ -308,7 +329,9 @@ def _view_loss(objective: str, p: LossParams, online_large, online_small, target
         return _simclr_loss(online_large, online_small, p, anchors, generator)
     if target_large is None: raise ValueError(f"objective {objective!r} needs target_large, the target outputs of the L large views")
     if objective == "byol":
-        return mean_over_pairs(lambda o, t: byol_pair_loss(o, t, anchors=anchors), online_large, online_small, target_large,
+        _check_views(online_large, online_small, target_large)
+        anchors = _anchors_once(online_large, anchors)
+        return mean_over_pairs(lambda o, t: _byol_pair_loss(o, t, anchors), online_large, online_small, target_large,
                                include_same=False)
     if objective == "infonce": p = replace(p, alpha=0.0)  # the same loss without its invariance term
     loss_fn = _relic_v1_loss if p.kl_construction == "relic_v1" else _relicv2_loss
@@ -319,7 +342,7 @@ def view_loss(objective: str,  # `relicv2`, `infonce` (alpha = 0), `byol` or `si
               online_small: Sequence[Tensor],  # S tensors (N, D): online outputs of the small views
               target_large: Optional[Sequence[Tensor]],  # L tensors (N, D): target outputs of the large views; None for simclr
               *,
-              anchors: Optional[Tensor] = None,  # (A,) long rows of the (gathered) batch owned by this process
+              anchors: Optional[Tensor | range] = None,  # (A,) long rows of the (gathered) batch owned by this process
               generator: Optional[torch.Generator] = None,  # RNG for the negatives
               **params,  # `LossParams` fields (checked even for byol: a bad config is bad)
              ) -> tuple[Tensor, dict[str, Tensor]]:  # loss, averaged terms
@@ -343,7 +366,7 @@ class ReLICv2Loss(nn.Module):
         return cls(cfg.objective, **{f: getattr(cfg, f) for f in LossParams.__dataclass_fields__})
 
     def forward(self, online_large: Sequence[Tensor], online_small: Sequence[Tensor], target_large: Optional[Sequence[Tensor]], *,
-                anchors: Optional[Tensor] = None, generator: Optional[torch.Generator] = None,
+                anchors: Optional[Tensor | range] = None, generator: Optional[torch.Generator] = None,
                 terms_graph: bool = False,  # True: the terms keep their graph (to differentiate each on its own); else detached
                ) -> tuple[Tensor, dict[str, Tensor]]:
         loss, terms = _view_loss(self.objective, self.params, online_large, online_small, target_large, anchors, generator)

@@ -5,6 +5,7 @@
 # %% ../nbs/09_train.ipynb #49f76a5d
 from __future__ import annotations
 
+import math
 import signal
 import threading
 import time
@@ -28,7 +29,7 @@ from .checkpoint import (CheckpointError, ResumableSampler, check_resumable, lis
                                 load_checkpoint, make_generators, remove_stale_temporaries, rng_state, save_checkpoint,
                                 seed_everything, set_rng_state)
 from .metrics import MetricsLog, plot_metrics, stored_loss
-from .distributed import DistEnv, init_distributed, gather, gather_with_grad, sync_batchnorm
+from .distributed import DistEnv, init_distributed, gather, gather_with_grad, host_group, loader_workers, sync_batchnorm
 from .networks import SupervisedNetwork, build_networks
 from .loss import ReLICv2Loss
 from .memory import check_fits, device_memory, tune_malloc
@@ -38,9 +39,10 @@ from .progress import Progress, ProgressArg, announce
 from .views import ViewGenerator
 
 # %% auto #0
-__all__ = ['TRACE_OBJECTIVES', 'TrainingDiverged', 'non_finite', 'RunResult', 'RunInterrupted', 'StopSignals', 'stop_requested',
-           'StepParts', 'check_trace_terms', 'build_step', 'train_step', 'trace_terms', 'training_set', 'make_loader',
-           'batches_from', 'resume_state', 'write_checkpoint', 'StepLog', 'fit']
+__all__ = ['TRACE_OBJECTIVES', 'TrainingDiverged', 'non_finite', 'RunResult', 'cuda_backends', 'RunInterrupted', 'StopSignals',
+           'stop_requested', 'StepParts', 'check_trace_terms', 'build_step', 'train_step', 'trace_terms',
+           'training_set', 'make_loader', 'batches_from', 'to_device', 'resume_state', 'write_checkpoint', 'StepLog',
+           'fit']
 
 # %% ../nbs/09_train.ipynb #be5d9234
 class TrainingDiverged(RuntimeError):
@@ -78,10 +80,21 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 def _stack_gather(xs: list[torch.Tensor], with_grad: bool) -> list[torch.Tensor]:
-    "Gather a list of (b, D) per-view outputs across processes with one collective: V x (W*b, D)."
+    "Gather a list of (b, D) per-view outputs across processes with one collective: V x (W*b, D); those with gradient in float32."
     if len(xs) == 0: return []
     stacked = torch.stack(xs, 1)  # (b, V, D)
+    if with_grad: stacked = stacked.float()  # under bf16/fp16 their gradients are summed over pairs and processes: in float32
     return list((gather_with_grad(stacked) if with_grad else gather(stacked)).unbind(1))
+
+# %% ../nbs/09_train.ipynb #ae45f82d
+def cuda_backends(tc,  # the run's `TrainConfig`: cudnn_benchmark, tf32
+                 ) -> dict:  # the settings made
+    "cuDNN's autotuner and TF32 for float32 as `train.cudnn_benchmark` and `train.tf32` say (process-wide: `fit` calls it on CUDA)."
+    precision = "tf32" if tc.tf32 else "ieee"
+    torch.backends.cudnn.benchmark = tc.cudnn_benchmark
+    torch.backends.cuda.matmul.fp32_precision = precision  # PyTorch's current API (mixing it with allow_tf32 is refused)
+    torch.backends.cudnn.conv.fp32_precision = precision
+    return {"cudnn_benchmark": tc.cudnn_benchmark, "fp32_precision": precision}
 
 # %% ../nbs/09_train.ipynb #92853091
 class RunInterrupted(RuntimeError):
@@ -113,10 +126,12 @@ class StopSignals:
     def __exit__(self, *exc): self.restore()
 
 def stop_requested(stop: StopSignals, env: DistEnv) -> int:
-    "The signal that stops the run after this step (0: none); one process's signal stops them all."
-    signum = torch.tensor(float(stop.received or 0), device=env.device)
-    if env.distributed: dist.all_reduce(signum, op=dist.ReduceOp.MAX)
-    return int(signum.item())
+    "The signal that stops the run after this step (0: none); one process's signal stops them all. The GPU is never waited for."
+    signum = stop.received or 0
+    if not env.distributed: return signum  # nothing to agree on: no tensor, no device
+    flag = torch.tensor(float(signum))  # on the host, agreed over a CPU (gloo) group: the GPU's queue runs on meanwhile
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=host_group())
+    return int(flag.item())
 
 # %% ../nbs/09_train.ipynb #9a000002
 @dataclass
@@ -135,6 +150,7 @@ class StepParts:
     momenta: torch.Tensor  # (K,) EMA momentum of every step (read only where there is a target)
     gens: dict  # this process's 'views' and 'loss' generators
     b: int  # this process's share of the batch
+    masks: bool = True  # the views read the batch's masks (`fit`: False when masking is off or no training image has a mask)
 
 TRACE_OBJECTIVES = ("relicv2",)  # the objectives whose loss has both a contrastive and an invariance term to trace
 
@@ -183,12 +199,13 @@ def train_step(p: StepParts,  # from `build_step`
                step: int,  # index into the schedules
                mark: Optional[Callable[[str], None]] = None,  # called with 'views', 'forward', 'loss', 'backward', 'optimizer', 'ema'
                trace: bool = False,  # also each term's gradient norm at the encoder (`trace_terms`); the step is the same
-              ) -> tuple[torch.Tensor, dict, torch.Tensor]:  # loss averaged over processes (0-dim), its terms, (L, b) masked views
+              ) -> tuple[torch.Tensor, dict, torch.Tensor]:  # loss averaged over processes (0-dim, on the host), its terms, (L, b) masked views
     "One optimisation step: views, forward passes, loss, finiteness check, backward, optimiser step, EMA."
     mark, dev, env = mark or _no_mark, p.env.device, p.env
     set_lr(p.optimizer, p.lrs[step])
     # views are made here, on the training device, from uint8 images: per-image draws, batched ops
-    v = p.views(batch.images, batch.masks, batch.has_mask, generator=p.gens["views"]); mark("views")
+    masks, has_mask = (batch.masks, batch.has_mask) if p.masks else (None, None)  # no masks: nothing to read or check
+    v = p.views(batch.images, masks, has_mask, generator=p.gens["views"]); mark("views")
     with _autocast(dev, p.cfg.train.precision):
         out = p.forward(v.large + v.small)  # one pass per view size
         if p.target is not None:
@@ -201,13 +218,15 @@ def train_step(p: StepParts,  # from `build_step`
         # negatives come from the global batch: gather every process's rows (online ones with gradient)
         o = _stack_gather(out, with_grad=True)
         t = _stack_gather(t_out, with_grad=False) if p.target is not None else None  # simclr: the online views are the keys
-        anchors = torch.arange(env.rank * p.b, (env.rank + 1) * p.b, device=dev) if env.distributed else None
+        anchors = range(env.rank * p.b, (env.rank + 1) * p.b) if env.distributed else None  # checked on the host: no device read
         L = p.cfg.views.n_large
         loss, terms = p.criterion(o[:L], o[L:], t, anchors=anchors, generator=p.gens["loss"], terms_graph=trace)
-    # stop on divergence before the optimiser touches the weights; every process agrees
+    # stop on divergence before the optimiser touches the weights; every process agrees. The step's one wait for the
+    # device: the value read here is returned on the host, so that reading it again costs nothing
     check = loss.detach().float().clone()
     if env.distributed: dist.all_reduce(check); check /= env.world_size
-    if not torch.isfinite(check): raise TrainingDiverged(f"loss became {check.item()} at step {step}")
+    value = check.item()
+    if not math.isfinite(value): raise TrainingDiverged(f"loss became {value} at step {step}")
     if trace: terms = {**{k: v.detach() for k, v in terms.items()}, **trace_terms(p, terms["contrastive"], terms["invariance"])}
     mark("loss")
     p.optimizer.zero_grad(set_to_none=True)
@@ -219,7 +238,7 @@ def train_step(p: StepParts,  # from `build_step`
     if p.target is not None:  # the target follows the online encoder and projector (never the predictor)
         update_target(p.target, p.online.without_predictor(), p.momenta[step])
     mark("ema")
-    return check, terms, v.masked
+    return torch.tensor(value), terms, v.masked
 
 # %% ../nbs/09_train.ipynb #9a0000d2
 def trace_terms(p: StepParts,  # the run's parts (an objective of `TRACE_OBJECTIVES`)
@@ -263,9 +282,9 @@ def training_set(cfg: RunConfig,  # the run
 def make_loader(dataset: torch.utils.data.Dataset, cfg: RunConfig, env: DistEnv) -> tuple[ResumableSampler, DataLoader]:
     "This process's sampler (its share of a seeded permutation, resumable mid-epoch) and the loader of its share of each batch."
     sampler = ResumableSampler(dataset, env.world_size, env.rank, cfg.train.seed)
+    workers, pin = loader_workers(cfg.data, env.device)  # on a GPU: decoding in workers, pinned memory (08_distributed)
     loader = DataLoader(dataset, batch_size=cfg.train.batch_size // env.world_size, sampler=sampler, drop_last=True,
-                        collate_fn=rdata.collate, num_workers=cfg.data.num_workers,
-                        pin_memory=cfg.data.pin_memory and env.device.type == "cuda", persistent_workers=False)
+                        collate_fn=rdata.collate, num_workers=workers, pin_memory=pin, persistent_workers=False)
     return sampler, loader
 
 def batches_from(loader: DataLoader,  # from `make_loader`
@@ -283,6 +302,13 @@ def batches_from(loader: DataLoader,  # from `make_loader`
             step += 1
             if step >= end: return
 
+def to_device(batch: rdata.Batch,  # from the loader, on the host (pinned on a GPU)
+              device: torch.device,  # this process's training device
+              masks: bool = True,  # False: the views read no masks (`StepParts.masks`), so none is copied
+             ) -> rdata.Batch:  # the batch on `device`; masks and has_mask None unless `masks`
+    "This process's batch on its device, without the masks when the views will not read them."
+    if masks: return batch.to(device, non_blocking=True)
+    return rdata.Batch(batch.images.to(device, non_blocking=True), None, None, batch.labels.to(device, non_blocking=True))
 
 # %% ../nbs/09_train.ipynb #9b000005
 def _last_good(path: Optional[Path]) -> str:
@@ -383,7 +409,9 @@ def fit(cfg: RunConfig,  # the whole run, e.g. `preset("demo")`
     env = env or init_distributed(tc.device)
     if tc.batch_size % env.world_size:
         raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by the number of processes ({env.world_size})")
-    if env.device.type == "cuda": check_fits(cfg, env.world_size, device_memory(env.device))  # one line before any work, not an OOM at step 1 (08c_memory)
+    if env.device.type == "cuda":
+        cuda_backends(tc)  # cuDNN's autotuner and TF32, as the config says (above)
+        check_fits(cfg, env.world_size, device_memory(env.device))  # one line before any work, not an OOM at step 1 (08c_memory)
     if tc.precision == "fp16" and env.device.type != "cuda":
         raise ValueError("train.precision='fp16' needs a CUDA device; use 'bf16' or 'fp32' on the CPU")
     if tc.tune_malloc and env.device.type == "cpu": tune_malloc()  # keep the big temporaries mapped between steps
@@ -397,6 +425,7 @@ def fit(cfg: RunConfig,  # the whole run, e.g. `preset("demo")`
     sampler, loader = make_loader(dataset, cfg, env)
     # ---------------- networks, loss, optimiser, schedules, generators: what every step uses ----------------
     p = build_step(cfg, env, n_classes, steps_per_epoch)
+    p.masks = cfg.views.mask_prob > 0 and n_with_mask != 0  # masking off, or no image with a mask: no mask is moved or read
     # ---------------- resume ----------------
     if main: remove_stale_temporaries(run_dir)  # half-written checkpoints of a killed run: never resumed from
     step, ckpt = resume_state(p, run_dir, resume)
@@ -422,7 +451,7 @@ def fit(cfg: RunConfig,  # the whole run, e.g. `preset("demo")`
     meter, loss = StepLog(log, p, masks=n_with_mask is not None), float("nan")
     with StopSignals() as stop:  # SIGTERM / Ctrl-C: finish the step, write a checkpoint, stop (see above)
         for epoch, batch in batches_from(loader, sampler, step, end, steps_per_epoch):
-            batch = batch.to(env.device, non_blocking=True); meter.arrived()
+            batch = to_device(batch, env.device, p.masks); meter.arrived()
             trace = tc.trace_terms and meter.due(step + 1, end)  # the terms' gradient norms, at the steps that write a row
             try: check, terms, masked = train_step(p, batch, step, trace=trace)  # the paper's step (see above)
             except TrainingDiverged as e:  # nothing was stepped: the last checkpoint is good

@@ -376,7 +376,7 @@ BAD = [
     (lambda: pair_loss(X, X, kl_direction="forward"), "kl_direction must be one of 'online_to_target', 'target_to_online', 'symmetric'"),
     (lambda: pair_loss(X, X, n_negatives=2, anchors=torch.tensor([4])), r"anchors must be row indices in \[0, 3\]"),
     (lambda: pair_loss(X, X, n_negatives=2, anchors=torch.tensor([-1])), "anchors"),
-    (lambda: pair_loss(X, X, n_negatives=2, anchors=torch.tensor([0.0])), "anchors must be None or a non-empty 1-D integer"),
+    (lambda: pair_loss(X, X, n_negatives=2, anchors=torch.tensor([0.0])), "anchors must be None, a range or a non-empty 1-D integer"),
     (lambda: pair_loss(X, X, n_negatives=2, anchors=torch.tensor([[0]])), "anchors"),
     (lambda: pair_loss(X, X, n_negatives=2, anchors=torch.tensor([], dtype=torch.long)), "anchors"),
     (lambda: byol_pair_loss(X, X[:, :2]), "same shape"),

@@ -536,3 +536,15 @@ def test_trace_terms_is_refused_for_an_objective_without_both_terms_and_under_co
     with pytest.raises(ConfigError, match=f"train.trace_terms=true {needle}"):
         fit(tiny(tmp_path, **over), progress=False)
     assert not (tmp_path / "checkpoints").exists()  # refused before anything was built or written
+
+
+def test_a_run_without_masks_hands_the_views_none(tmp_path, monkeypatch):
+    "Masking off (or no image with a mask): the loader's all-zero masks are neither copied to the device nor read by the views."
+    from relicv2.views import ViewGenerator
+    seen, real = [], ViewGenerator.__call__
+    def recording(self, images, masks=None, has_mask=None, **kw):
+        seen.append(masks is None and has_mask is None); return real(self, images, masks, has_mask, **kw)
+    monkeypatch.setattr(ViewGenerator, "__call__", recording)
+    fit(tiny(tmp_path / "off", **{"views.mask_prob": 0}), max_steps=2, progress=False)
+    fit(tiny(tmp_path / "on"), max_steps=2, progress=False)  # the generated shapes come with masks
+    assert seen == [True, True, False, False]
