@@ -24,8 +24,8 @@ from .suites import SUITE_FIELDS, run_suites, suite_rows, with_suites
 
 # %% auto #0
 __all__ = ['RESULT_FIELDS', 'AblationSpec', 'load_spec', 'spec_content', 'provenance', 'train_seconds', 'knn_curve',
-           'config_record', 'result_path', 'run_one', 'run_baseline', 'run_ablation', 'read_results', 'summarize',
-           'format_summary', 'plot_ablation', 'restore_runs']
+           'config_record', 'same_config', 'result_path', 'run_one', 'run_baseline', 'run_ablation', 'read_results',
+           'summarize', 'format_summary', 'plot_ablation', 'restore_runs']
 
 # %% ../nbs/11_ablate.ipynb #d88f3810
 @dataclass
@@ -129,6 +129,16 @@ def knn_curve(metrics_path: str | Path) -> list[list]:
 def config_record(cfg: RunConfig) -> dict:
     "A run's config without the folder it was written to: what a finished result must match to stand for a run of a spec."
     d = to_dict(cfg); d["train"].pop("out_dir"); return d
+
+def same_config(recorded: dict,  # a `config_record` written when the run finished
+                cfg: RunConfig,  # the config a spec asks for now
+               ) -> bool:
+    "Whether a recorded run stands for `cfg`: every field equal; a field added to the config since must hold its default."
+    now, default = config_record(cfg), to_dict(RunConfig())
+    for sec, fields in now.items():
+        for f, v in fields.items():
+            if v != (recorded[sec][f] if f in recorded.get(sec, {}) else default[sec][f]): return False
+    return all(f in now.get(sec, {}) for sec, fs in recorded.items() for f in fs)  # nothing it recorded has gone
 
 def result_path(cfg: RunConfig, baseline: Optional[str] = None) -> Path:
     "Where a finished run (or, named, a baseline evaluated with `cfg`) keeps its results: the mark that it is done."
@@ -286,7 +296,7 @@ def restore_runs(spec: AblationSpec | str | Path | dict,  # the grid, or a spec 
         if done.exists() or key not in rows: continue
         rec, mine = records.get(key, {}), json.dumps(overrides.get(name, {}))
         why = ("it has no record in the table's json" if not rec else
-               ("its config differs from the spec's" if rec["config"] != config_record(cfg) else None) if "config" in rec else
+               ("its config differs from the spec's" if not same_config(rec["config"], cfg) else None) if "config" in rec else
                f"its overrides {rows[key][0]['overrides']} differ from the spec's {mine}" if rows[key][0]["overrides"] != mine else None)
         if why:
             announce(f"restore: {key} not restored ({why}); it will be trained again", progress); continue
