@@ -99,3 +99,10 @@ def test_notebook_output_check_compares_numbers_within_its_tolerances():
     assert not same_text("final loss 1.0", "final loss nan", rtol=1)  # a word in place of a number
     assert not same_text("step 3 of 4", "step 3 of 4 (done)", rtol=1)  # more words
     assert not same_text("resnet18 x0.25", "resnet50 x0.25", rtol=1)  # digits inside a name are words
+
+
+def test_results_notebook_keeps_its_outputs_small():
+    # a lesson, not a lab log: its figures are 64-colour PNGs (small_png in the notebook) and its outputs stay small
+    nb = json.loads((ROOT / "nbs" / "12_results.ipynb").read_text(encoding="utf-8"))
+    size = sum(len(json.dumps(c.get("outputs", []))) for c in nb["cells"] if c["cell_type"] == "code")
+    assert size < 200_000, f"12_results stores {size} bytes of outputs (limit 200000)"
