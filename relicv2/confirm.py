@@ -11,14 +11,14 @@ import json
 import math
 import subprocess
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from .config import EVAL_SUITES
 from .files import ConfigError, atomic_write
 
 # %% auto #0
 __all__ = ['CORRECTIONS', 'METRICS', 'betainc', 't_cdf', 't_quantile', 'paired', 'compare', 'holm', 'check_confirm', 'verdicts',
-           'format_verdicts', 'seeds_to_resolve', 'spec_fingerprint', 'registration_path', 'register_block',
+           'format_verdicts', 'choose', 'seeds_to_resolve', 'spec_fingerprint', 'registration_path', 'register_block',
            'check_registration']
 
 # %% ../nbs/11b_confirm.ipynb #3494a6c9
@@ -176,6 +176,23 @@ def format_verdicts(vs: list[dict], digits: int = 1) -> str:
               f"{v['p_adj']:.3g}", f"{v['p_equivalence_adj']:.3g}", v["verdict"]) for v in vs]
     w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w[i]) for i, c in enumerate(r)).rstrip() for r in rows)
+
+# %% ../nbs/11b_confirm.ipynb #5a1c0e02
+def choose(rows: list[dict],  # a tuning grid's result rows (variant, seed, split, metrics)
+           metric: str = "linear_top1",  # the selection metric, higher is better
+           split: str = "val",  # a validation split: `val` or `val_*`
+           exclude: Sequence[str] = ("raw-pixels", "random-init"),  # rows that are no candidate (baselines)
+          ) -> tuple[str, dict[str, tuple[float, int]]]:  # the chosen variant, {variant: (mean, seeds)}
+    "The variant with the highest mean `metric` over its seeds on the validation split `split` (first listed on a tie)."
+    if split != "val" and not split.startswith("val_"):
+        raise ValueError(f"split must be a validation split ('val' or 'val_*'): choices are never made on {split!r}")
+    means: dict[str, list[float]] = {}
+    for r in rows:
+        if r["split"] == split and r["variant"] not in exclude: means.setdefault(r["variant"], []).append(float(r[metric]))
+    if not means: raise ValueError(f"no candidate rows of split {split!r} with {metric!r}")
+    table = {v: (sum(x) / len(x), len(x)) for v, x in means.items()}
+    return max(table, key=lambda v: table[v][0]), table
+
 
 # %% ../nbs/11b_confirm.ipynb #153be796
 def seeds_to_resolve(sd: float,  # standard deviation of the paired differences across seeds (exploratory runs)
