@@ -8,14 +8,14 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from .ablate import load_spec, read_results
 from .confirm import paired, registration_path
 from .files import ConfigError, read_file
 
 # %% auto #0
-__all__ = ['budget', 'claim_row', 'claims_table', 'claims_markdown']
+__all__ = ['budget', 'claim_row', 'claims_table', 'claims_markdown', 'budget_gaps', 'plot_budget_gaps']
 
 # %% ../nbs/12a_claims.ipynb #0ddba618
 def _results(root: Path, name: str) -> tuple[list[dict], dict]:
@@ -83,3 +83,47 @@ def claims_markdown(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(r[c].replace("|", "/") for c in cols) + " |" for r in rows]
     return "\n".join(lines)
+
+# %% ../nbs/12a_claims.ipynb #5a1c0e22
+def budget_gaps(root: str | Path,  # the repository (experiments/results/<block>.verdicts.json and tables)
+                blocks: Sequence[str],  # block names, e.g. ("fm-short", "fm-long"); blocks without verdicts are skipped
+                comparisons: Sequence[tuple[str, str, str]],  # (A, B, split) as registered in the blocks
+               ) -> list[dict]:  # one dict per (block, comparison) found: block, comparison, split, steps, mean, low, high, n, verdict
+    "Each block's verdict on each comparison, with the steps its A arm trained."
+    root, out = Path(root), []
+    for name in blocks:
+        path = root / "experiments" / "results" / f"{name}.verdicts.json"
+        if not path.exists(): continue
+        found = {(v["a"], v["b"], v["split"]): v for v in json.loads(path.read_text())["verdicts"]}
+        _, meta = _results(root, name)
+        for a, b, split in comparisons:
+            if (v := found.get((a, b, split))) is None: continue
+            steps = max(r["steps"] for k, r in meta["runs"].items() if k.split("/seed")[0] == a)
+            out.append({"block": name, "comparison": f"{a} - {b}", "split": split, "steps": steps,
+                        **{k: v[k] for k in ("mean", "low", "high", "n", "verdict")}})
+    return out
+
+
+# %% ../nbs/12a_claims.ipynb #5a1c0e23
+def plot_budget_gaps(gaps: list[dict],  # `budget_gaps` rows
+                     out: str | Path | None = None,  # also write the figure here
+                     title: str = "", metric: str = "linear top-1 (points)"):
+    "Each comparison's mean difference and 95% interval against the training steps, points labelled with their verdicts."
+    import matplotlib.pyplot as plt
+    if not gaps: raise ValueError("gaps is empty: no block holds a verdict on these comparisons yet")
+    fig, ax = plt.subplots(figsize=(6.5, 3.4), dpi=100)
+    names = list(dict.fromkeys(g["comparison"] for g in gaps))
+    steps = sorted({g["steps"] for g in gaps}); span = max(steps[-1] - steps[0], steps[0])
+    for k, name in enumerate(names):
+        pts = sorted((g for g in gaps if g["comparison"] == name), key=lambda g: g["steps"])
+        x = [g["steps"] + span * 0.02 * (k - (len(names) - 1) / 2) for g in pts]  # side by side, not on top
+        ax.errorbar(x, [g["mean"] for g in pts], yerr=[[g["mean"] - g["low"] for g in pts], [g["high"] - g["mean"] for g in pts]],
+                    marker="o", capsize=3, label=name)
+        for xi, g in zip(x, pts):
+            ax.annotate(g["verdict"], (xi, g["mean"]), xytext=(5, 0), textcoords="offset points", fontsize=7, va="center")
+    ax.axhline(0, color="0.5", lw=0.8); ax.set_xticks(steps); ax.set_xlim(steps[0] - 0.15 * span, steps[-1] + 0.35 * span)
+    ax.set_xlabel("training steps"); ax.set_ylabel(f"A - B, {metric}"); ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8); ax.grid(alpha=0.3); fig.tight_layout()
+    if out is not None: fig.savefig(out)
+    return fig
+
