@@ -268,16 +268,16 @@ class ReLICv2Loss(nn.Module):
         x = online_large[0]
         if isinstance(x, Tensor) and x.ndim == 2: anchors = anchor_rows(anchors, x.shape[0], x.device)  # once for the grid
         if c.objective == "infonce": c = dataclasses.replace(c, alpha=0.0)  # the same loss without its invariance term
+        views = (online_large, online_small, target_large)
         if c.objective == "byol":
-            pair_fn, include_same = (lambda o, t: byol_pair_loss(o, t, anchors=anchors)), False
+            loss, terms = mean_over_pairs(lambda o, t: byol_pair_loss(o, t, anchors=anchors), *views, include_same=False)
         elif c.objective == "simclr":
-            pair_fn, include_same = (lambda a, b: simclr_pair_loss(a, b, c, anchors=anchors, generator=generator)), False
-        elif c.kl_construction == "relic_v1":  # not a mean of pair losses: the KL compares two pairs
-            pair_fn, include_same = None, True
-        else:
-            pair_fn, include_same = (lambda o, t: pair_loss(o, t, c, anchors=anchors, generator=generator)), True
-        loss, terms = (mean_over_pairs(pair_fn, online_large, online_small, target_large, include_same) if pair_fn is not None
-                       else relic_v1_loss(online_large, online_small, target_large, c, anchors=anchors, generator=generator))
+            loss, terms = mean_over_pairs(lambda a, b: simclr_pair_loss(a, b, c, anchors=anchors, generator=generator), *views,
+                                          include_same=False)
+        elif c.kl_construction == "relic_v1":  # its KL compares the two orderings of a pair: not a mean of pair losses
+            loss, terms = relic_v1_loss(*views, c, anchors=anchors, generator=generator)
+        else:  # relicv2 and infonce: ReLICv2's pair loss over the whole grid
+            loss, terms = mean_over_pairs(lambda o, t: pair_loss(o, t, c, anchors=anchors, generator=generator), *views)
         return loss, terms if terms_graph else {k: v.detach() for k, v in terms.items()}
 
     def extra_repr(self) -> str:
