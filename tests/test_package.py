@@ -141,3 +141,15 @@ def test_no_module_declares_a_choice_list_of_the_config_again():
                 if name: found.append(f"{path.name}:{node.lineno} declares {name} again")
     assert not found, found
     assert len(by_values) >= 14  # the scan looks for every choice list, not only some
+
+
+def test_every_literal_of_the_package_is_made_from_a_tuple():
+    "A `Literal` spelled with its values beside a tuple of the same values drifts: each is written Literal[TUPLE]."
+    import ast
+    found = []
+    for path in sorted((ROOT / "relicv2").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Subscript) and getattr(node.value, "id", getattr(node.value, "attr", None)) == "Literal"
+                    and not isinstance(node.slice, (ast.Name, ast.Attribute))):
+                found.append(f"{path.name}:{node.lineno}")
+    assert not found, found
