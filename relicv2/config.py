@@ -19,11 +19,11 @@ from .files import ConfigError, atomic_write, read_file  # the ground floor (00b
 
 # %% auto #0
 __all__ = ['Pair', 'MASK_FILLS', 'ARCHS', 'PADDINGS', 'SHORTCUTS', 'OBJECTIVES', 'KL_DIRECTIONS', 'KL_CONSTRUCTIONS',
-           'OPTIMIZERS', 'PRECISIONS', 'LINEAR_SOLVERS', 'PROTOCOLS', 'SALIENCY_METHODS', 'EVAL_SUITES', 'RANGES',
-           'RENAMED', 'SHORT_RUN', 'PRESETS', 'MAIN_PRESET', 'CONVERT_FORMATS', 'DataConfig', 'ViewsConfig',
-           'EncoderConfig', 'HeadConfig', 'LossConfig', 'TargetConfig', 'OptimConfig', 'TrainConfig', 'EvalConfig',
-           'RunConfig', 'coerce', 'check_range', 'update', 'to_dict', 'preset', 'parse_set', 'load_config',
-           'save_config']
+           'OPTIMIZERS', 'PRECISIONS', 'LINEAR_SOLVERS', 'PROTOCOLS', 'SALIENCY_METHODS', 'MASK_CONTROLS',
+           'MASK_SOURCES', 'EVAL_SUITES', 'RANGES', 'RENAMED', 'SHORT_RUN', 'PRESETS', 'MAIN_PRESET', 'CONVERT_FORMATS',
+           'DataConfig', 'ViewsConfig', 'EncoderConfig', 'HeadConfig', 'LossConfig', 'TargetConfig', 'OptimConfig',
+           'TrainConfig', 'EvalConfig', 'RunConfig', 'coerce', 'check_range', 'update', 'to_dict', 'preset',
+           'parse_set', 'load_config', 'save_config']
 
 # %% ../nbs/00_config.ipynb #cb0670b3
 @dataclass
@@ -254,10 +254,12 @@ _AREA = (lambda v: 0.0 < v[0] <= v[1] <= 1.0), "a pair lo,hi with 0 < lo <= hi <
 _POS_PAIR = (lambda v: 0.0 < v[0] <= v[1] < math.inf), "a pair lo,hi with 0 < lo <= hi"
 _OPT_GE1 = (lambda v: v is None or v >= 1), "none or an int >= 1"
 SALIENCY_METHODS = ("spectral", "frequency", "border", "fusion", "deepusps")  # relicv2.saliency.METHODS, each explained there
+MASK_CONTROLS = ("wrong", "degraded:IOU")  # controls of a dataset's own masks (03d_mask_controls)
+MASK_SOURCES = ("dataset", "none", *SALIENCY_METHODS[:-1], "deepusps:WEIGHTS", *MASK_CONTROLS)  # the forms of data.masks (03c_mask_tree)
 def _degraded(v: str) -> bool:
     try: return v.startswith("degraded:") and 0.0 < float(v[9:]) < 1.0
     except ValueError: return False
-_MASKS = ((lambda v: v in ("dataset", "none", "wrong") or v in SALIENCY_METHODS[:-1] or (v.startswith("deepusps:") and len(v) > 9)
+_MASKS = ((lambda v: (v in MASK_SOURCES and ":" not in v) or (v.startswith("deepusps:") and len(v) > 9)
            or _degraded(v)),
           "'dataset', 'none', a classical saliency method (spectral, frequency, border, fusion), deepusps:WEIGHTS, "
           "'wrong' or degraded:IOU with 0 < IOU < 1")
