@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import data as _data  # module attributes, looked up when called
 from .data import TensorImages, collate, dataset_splits, from_config as dataset_from_config
+from .config import LINEAR_SOLVERS, PROTOCOLS
 from .distributed import gather_shares, loader_workers, local_batchnorm, share
 from .probes import _check_int, _hits, _percent, _rank
 from .probes import LBFGS_DECAYS, knn_classify, lbfgs_probe, linear_probe  # moved to relicv2.probes; the old import path keeps working
@@ -98,7 +99,7 @@ def evaluate(encoder: nn.Module,  # the frozen encoder (the online one), images 
             ) -> dict[str, dict]:  # {split: {knn_top1, knn_top5, linear_top1, linear_top5[, note]}} in percent
     "kNN and linear-probe accuracy of a frozen encoder on each test split, features computed once per split on its device."
     if not isinstance(test_sets, dict) or not test_sets: raise ValueError(f"test_sets must be a non-empty dict {{name: Dataset}}, got {type(test_sets).__name__}")
-    if linear_solver not in ("sgd", "lbfgs"): raise ValueError(f"eval.linear_solver must be one of 'sgd', 'lbfgs', got {linear_solver!r}")
+    if linear_solver not in LINEAR_SOLVERS: raise ValueError(f"eval.linear_solver must be one of {', '.join(map(repr, LINEAR_SOLVERS))}, got {linear_solver!r}")
     kw = dict(image_size=image_size, batch_size=batch_size, device=device, num_workers=num_workers, progress=progress, keep_on_device=True)
     if bn_recalibrate: encoder = recalibrate_bn(encoder, train_set, bn_recalibrate, image_size=image_size, batch_size=batch_size, device=device)
     classes = getattr(train_set, "classes", None)
@@ -184,7 +185,7 @@ def evaluate_from_config(encoder: nn.Module,  # the frozen encoder
     if not splits or any(s not in available for s in splits):
         raise ValueError(f"splits must be a non-empty subset of {', '.join(s for s in available if s != 'train')}, got {splits!r}")
     e, workers = cfg.eval, loader_workers(cfg.data, _device_of(encoder, device))[0]  # on a GPU: at least data.gpu_workers
-    if e.protocol not in ("features", "augmented"): raise ValueError(f"eval.protocol must be one of 'features', 'augmented', got {e.protocol!r}")
+    if e.protocol not in PROTOCOLS: raise ValueError(f"eval.protocol must be one of {', '.join(map(repr, PROTOCOLS))}, got {e.protocol!r}")
     if e.protocol == "augmented":  # the images at their own size: the crops are taken from the whole of each
         from relicv2.official_eval import CentreCrops, augmented_linear_eval  # here: that module imports this one
         if e.linear_solver != "sgd": raise ValueError(f"eval.protocol 'augmented' trains its probe by SGD: set eval.linear_solver=sgd (got {e.linear_solver!r})")

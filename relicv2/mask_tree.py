@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm  # a console bar: the command's, also when called from a notebook
 
-from .config import atomic_write
+from .config import MASK_SOURCES, atomic_write
 from .progress import Progress, ProgressArg
 from .data import DATASETS, IMG_EXTENSIONS, CorruptImageError, SyntheticShapes, make_dataset
 from .readers import _decode, encode_image
@@ -27,15 +27,13 @@ from .saliency import binarize, clean_mask, resize
 from .saliency_metrics import format_table
 from .deepusps import METHODS, SaliencyUNet, _batches, masks_at_size, evaluate_folder, evaluate_methods
 from .deepusps import train_deepusps, save_deepusps, load_deepusps
-from .mask_controls import CONTROLS, control_masks, parse_control
+from .mask_controls import control_masks, parse_control
 
 # %% auto #0
-__all__ = ['MASK_SOURCES', 'MANIFEST', 'LOG', 'SaliencyMasked', 'list_images', 'check_folders', 'mask_path', 'save_png_atomic',
-           'write_masks', 'load_training_images', 'saliency_command']
+__all__ = ['MANIFEST', 'LOG', 'SaliencyMasked', 'list_images', 'check_folders', 'mask_path', 'save_png_atomic', 'write_masks',
+           'load_training_images', 'saliency_command']
 
 # %% ../nbs/03c_mask_tree.ipynb #sm01a0e2
-MASK_SOURCES = ("dataset", "none", *(m for m in METHODS if m != "deepusps"), "deepusps:WEIGHTS", *CONTROLS)  # values of data.masks
-
 def _mask_source(source: str) -> tuple[Optional[str], Optional[SaliencyUNet]]:
     "(method, model) for a `data.masks` value other than 'dataset': (None, None) for 'none'."
     if source == "none": return None, None

@@ -185,7 +185,7 @@ def build_step(cfg: RunConfig,  # the run
     if target is not None: target.to(dev)
     model = DistributedDataParallel(online, device_ids=[dev] if dev.type == "cuda" else None) if env.distributed else online
     return StepParts(cfg, env, views, online, target, torch.compile(model) if tc.compile else model,
-                     None if objective == "supervised" else ReLICv2Loss.from_config(cfg.loss), optimizer_from_config(cfg.optim, online),
+                     None if objective == "supervised" else ReLICv2Loss(cfg.loss), optimizer_from_config(cfg.optim, online),
                      torch.amp.GradScaler("cuda") if tc.precision == "fp16" else None,
                      lr_schedule_from_config(cfg.optim, tc.batch_size, steps_per_epoch, tc.epochs),
                      momentum_schedule(tc.epochs * steps_per_epoch, cfg.target.tau_base),
@@ -249,7 +249,7 @@ def trace_terms(p: StepParts,  # the run's parts (an objective of `TRACE_OBJECTI
     params = [q for q in p.online.encoder.parameters() if q.requires_grad]
     scale = float(p.scaler.get_scale()) if p.scaler is not None else 1.0  # fp16: at the step's scale, unscaled after
     out = {}
-    for name, term in (("contrastive", contrastive), ("invariance", p.criterion.params.alpha * invariance)):
+    for name, term in (("contrastive", contrastive), ("invariance", p.criterion.alpha * invariance)):
         grads = torch.autograd.grad(term * scale, params, retain_graph=True, allow_unused=True, materialize_grads=True)
         flat = torch.cat([g.flatten().float() for g in grads]) / scale  # into no .grad: the step's own backward is untouched
         if p.env.distributed: dist.all_reduce(flat); flat /= p.env.world_size  # the global batch's gradient, as DDP averages it

@@ -441,7 +441,7 @@ def test_a_step_reads_the_device_once_beyond_views_and_loss():
 
 def test_the_loss_reads_tensor_anchors_once_a_call_and_a_range_never():
     from relicv2.loss import ReLICv2Loss
-    crit = ReLICv2Loss("relicv2", n_negatives=4)
+    crit = ReLICv2Loss(n_negatives=4)
     with _FakeCuda(allow_non_fake_inputs=True):
         views = [torch.randn(8, 16, device=CUDA0) for _ in range(5)]  # L = 2, S = 1: 6 view pairs
         g = _CudaGenerator().manual_seed(0)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from relicv2.augment import MASK_FILLS, remove_background, sample_crop_boxes, swap_partners
-from relicv2.config import ConfigError, ViewsConfig
+from relicv2.augment import remove_background, sample_crop_boxes, swap_partners
+from relicv2.config import MASK_FILLS, ConfigError, ViewsConfig
 from relicv2.views import ViewGenerator
 
 ROOT = Path(__file__).resolve().parents[1]
