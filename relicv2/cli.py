@@ -56,10 +56,15 @@ def report(prog: str,  # the command's name
     if isinstance(e, BrokenPipeError): return 141  # the reader of our output went away (`| head`): nothing to say
     if isinstance(e, OSError):  # the system refused a read or a write: a full disk, permissions
         print(f"{prog}: error: {_where()}{e.filename + ': ' if e.filename else ''}{e.strerror or one_line(e)}", file=sys.stderr); return 1
+    if "relicv2.distributed" in sys.modules:
+        from relicv2.distributed import PeerFailure
+        if isinstance(e, PeerFailure):  # another process died or stopped answering: the line names it (and this rank)
+            print(f"{prog}: error: {one_line(e)}", file=sys.stderr); return 3
     if "relicv2.train" in sys.modules:  # the run's own exceptions (only a run that got that far can raise them)
         from relicv2.train import CheckpointError, RunInterrupted, TrainingDiverged
         if isinstance(e, RunInterrupted):  # stopped by SIGTERM / Ctrl-C after a checkpoint: not an error
-            print(f"{prog}: {_where()}{e}", file=sys.stderr); return 128 + e.signum  # 143, 130: what shells expect
+            print(f"{prog}: {_where()}{e}", file=sys.stderr)  # alone: 143, 130, what shells expect; under torchrun 0,
+            return 0 if "TORCHELASTIC_RUN_ID" in os.environ else 128 + e.signum  # which it does not report as a failure
         if isinstance(e, (CheckpointError, TrainingDiverged)):  # a corrupt checkpoint, a diverged run
             print(f"{prog}: error: {_where()}{one_line(e)}", file=sys.stderr); return 1
     return None

@@ -548,3 +548,43 @@ def test_a_run_without_masks_hands_the_views_none(tmp_path, monkeypatch):
     fit(tiny(tmp_path / "off", **{"views.mask_prob": 0}), max_steps=2, progress=False)
     fit(tiny(tmp_path / "on"), max_steps=2, progress=False)  # the generated shapes come with masks
     assert seen == [True, True, False, False]
+
+
+def _two_processes(out_dir, timeout_s, port):
+    "Two gloo processes of a long tiny run, started as torchrun would (its environment variables), rank 1's stdout/stderr piped."
+    cmd = _train_cmd(out_dir, "--set", "train.epochs=500", "--set", f"train.collective_timeout_s={timeout_s}", "--set", "train.device=cpu")
+    base = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+            "LOCAL_WORLD_SIZE": "2"}
+    return [subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                             env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]
+
+
+@pytest.mark.parametrize("signal_too", [False, True])
+def test_a_stopped_peer_ends_the_other_process_within_the_timeout_with_one_line(tmp_path, signal_too):
+    # rank 1 paused (SIGSTOP): rank 0 waits in a collective; it must end by itself within train.collective_timeout_s
+    # (and, sent SIGTERM while it waits, within a quarter of it), with one line naming the step and rank 1, exit code 3
+    import signal, socket, time
+    with socket.socket() as s: s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+    timeout = 12
+    procs = _two_processes(tmp_path / "run", timeout, port)
+    try:
+        metrics = tmp_path / "run" / "metrics.jsonl"
+        deadline = time.time() + 120
+        while time.time() < deadline and all(p.poll() is None for p in procs):
+            if metrics.exists() and sum('"loss"' in l for l in metrics.read_text().splitlines()) >= 3: break
+            time.sleep(0.05)
+        assert all(p.poll() is None for p in procs), procs[0].stderr.read()
+        procs[1].send_signal(signal.SIGSTOP); t0 = time.time()
+        if signal_too: time.sleep(1); procs[0].send_signal(signal.SIGTERM)
+        err = procs[0].communicate(timeout=timeout + 30)[1]
+        took = time.time() - t0
+    finally:
+        for p in procs: p.kill(); p.wait()
+    lines = [l for l in err.strip().splitlines() if not l.startswith("pretraining: ")]
+    assert procs[0].returncode == 3 and len(lines) == 1 and "Traceback" not in err, err
+    step = int(lines[0].split(": step ")[1].split(":")[0])
+    assert "rank 0: step" in lines[0] and "waited for rank 1," in lines[0], lines[0]
+    assert ("(stopped by SIGTERM while waiting)" in lines[0]) == signal_too and "the last checkpoint is" in lines[0] or not signal_too, lines[0]
+    assert took < (timeout / 4 + 1 + 5 if signal_too else timeout + 5), took  # (+ the 2 s that reading the marks may take)
+    assert not [f for f in (tmp_path / "run").rglob("*") if ".tmp" in f.name], "a half-written file was left"
+    print(f"rank 0 ended {took:.1f} s after rank 1 stopped (timeout {timeout} s): {lines[0]}")
