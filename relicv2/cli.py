@@ -130,23 +130,34 @@ class TrainedRun:
     results: Optional[dict] = None  # {row: {split: {metric: %}}} as in eval.json; None: not evaluated
     suites: Optional[dict] = None  # {'trained': {suite: {split: {metric: value}}}} as in suites.json (eval.suites); None: none asked
     stored: bool = False  # the run had finished before: `results` were read back from its eval.json
-    n_classes: int = 0  # classes of the dataset, for the chance level
+    n_classes: int = 0  # classes of the training set, named under the table
 
     def table(self) -> str:
         "The results as `relicv2-train` prints them (`results_table`)."
         return "" if self.results is None else results_table(self.results, self.n_classes)
 
-def accuracy_note(n_classes: int) -> str:
-    "The line under a results table: its unit and the chance level."
-    chance = f"; chance is {100 / n_classes:.3g}% ({n_classes} classes)" if n_classes else ""
-    return f"(accuracy in % on held-out images{chance})"
+def accuracy_note(results: dict,  # {row: {split: {metric: %}}}, as in eval.json
+                  n_classes: int,  # classes of the training set (0: unknown)
+                 ) -> str:
+    "The lines under a results table: the unit, and per split its images per class and what always answering the most frequent class scores."
+    lines = [f"(accuracy in % on held-out images; *_balanced: the mean of the per-class accuracies"
+             + (f"; {n_classes} training classes)" if n_classes else ")")]
+    for split, vals in next(iter(results.values()), {}).items():  # the same images in every row
+        counts = vals.get("class_counts") if isinstance(vals, dict) else None
+        if not counts: continue  # an evaluation written before they were kept
+        held = [k for k in counts if k]
+        shape = "every class alike" if len(set(held)) == 1 else f"{min(held)} to {max(held)} a class"
+        lines.append(f"{split}: {sum(counts)} images of {len(held)} of the {len(counts)} classes ({shape}); always answering "
+                     f"the most frequent training class scores {vals['majority_top1']:.1f}%")
+    return "\n".join(lines)
 
 def results_table(results: dict,  # {row: {split: {metric: %}}}, as in eval.json
-                  n_classes: int,  # classes of the dataset, for the chance level (0: unknown)
+                  n_classes: int,  # classes of the training set (0: unknown)
                  ) -> str:
-    "The table both `relicv2-train` and `relicv2-eval` print: kNN and linear top-1 per split, the unit, the chance level and any row's note."
+    "The table both `relicv2-train` and `relicv2-eval` print: kNN and linear top-1 and balanced accuracy per split, the unit, each split's floor and any row's note."
     from relicv2.evaluate import format_table, table_notes
-    return "\n".join([format_table(results, metrics=("knn_top1", "linear_top1")), accuracy_note(n_classes), *table_notes(results)])
+    return "\n".join([format_table(results, metrics=("knn_top1", "knn_balanced", "linear_top1", "linear_balanced")),
+                      accuracy_note(results, n_classes), *table_notes(results)])
 
 def _n_classes(cfg: RunConfig) -> int:
     from relicv2.data import from_config
@@ -162,6 +173,9 @@ def train_and_evaluate(cfg: RunConfig,  # the whole run, e.g. `preset("demo")`
     "All that `relicv2-train` does, from Python: `fit`, the encoder's weights in both formats, and the evaluation in eval.json."
     from relicv2.train import fit
     from relicv2.data import dataset_splits
+    from relicv2.evaluate import check_eval_splits
+    if evaluate and [s for s in dataset_splits(cfg.data.dataset) if s != "train"]:
+        check_eval_splits(cfg)  # before any training: a class unknown to the training split is refused now, a missing one named
     res = fit(cfg, resume=resume, max_steps=max_steps, progress=progress)
     if int(os.environ.get("RANK", "0")) != 0 or res.steps == 0: return TrainedRun(res)  # one process exports and evaluates
     enc = res.run_dir / "encoder.pt"
@@ -271,6 +285,8 @@ def _eval(args: argparse.Namespace, cfg: RunConfig) -> int:
     state_dir = Path(args.state_dir) if args.state_dir else state_dir
     dev = resolve_device(cfg.train.device)
     splits = tuple(args.splits.split(",")) if args.splits else None
+    from relicv2.evaluate import check_eval_splits
+    check_eval_splits(cfg, splits)  # before the features: unknown classes refused, missing ones named
     progress = False if args.no_progress else None
     # the floor first: the same evaluation of raw pixels and of the run's random init
     rows = evaluate_run(cfg, enc.to(dev), progress, baselines=not args.no_baselines, name=name, splits=splits, state_dir=state_dir)
