@@ -68,7 +68,7 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     if not path.is_file(): raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try: state = torch.load(path, map_location=map_location, weights_only=True)  # tensors and plain containers only
     except pickle.UnpicklingError as e:
-        if "Unsupported global" in str(e):  # the unpickler met a class or function: refused before calling it
+        if "global" in str(e).lower():  # the unpickler met a class or function ("Unsupported global", "unsupported GLOBAL"): refused before calling it
             raise CheckpointError(f"checkpoint {str(path)!r} holds Python objects other than tensors and plain containers; "
                                   "refused without running any of it (a relicv2 checkpoint never holds them)") from None
         raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or truncated (UnpicklingError); "

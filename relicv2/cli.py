@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,12 +46,14 @@ def one_line(e: BaseException) -> str:
     if "\nOriginal Traceback" not in text: return "; ".join(l.strip() for l in text.splitlines() if l.strip())
     lines = [l for l in text.splitlines() if l.strip()]
     where = lines[0].removeprefix("Caught ").partition(" in ")[2].rstrip(".")  # e.g. "DataLoader worker process 0"
-    return f"{lines[-1].strip().removeprefix(type(e).__name__ + ': ')} (in {where})"
+    last_frame = max(i for i, l in enumerate(lines) if l.startswith(" "))  # the worker's traceback, then its error, whole
+    said = re.sub(r"^[A-Za-z_][\w.]*: ", "", "; ".join(l.strip() for l in lines[last_frame + 1:]))  # less its class's (dotted) name
+    return f"{said} (in {where})"
 
 def report(prog: str,  # the command's name
            e: BaseException,  # what stopped the command
           ) -> int | None:  # the exit code, after one line on stderr; None: a bug, to be raised with its traceback
-    "One line and an exit code for what a user can act on: 2 bad input, 1 a run that cannot go on, 128 + N signal N."
+    "One line and an exit code for what a user can act on (the table above): 2 bad input, 1 a run that cannot go on, 3 a peer failed, 128 + N signal N."
     if isinstance(e, (ConfigError, ValueError, FileNotFoundError, NotADirectoryError)):  # configuration, arguments, data, paths
         print(f"{prog}: error: {_where()}{one_line(e)}", file=sys.stderr); return 2
     if isinstance(e, BrokenPipeError): return 141  # the reader of our output went away (`| head`): nothing to say
@@ -211,6 +214,11 @@ def target_note(share: float) -> str:
 
 def _train(args: argparse.Namespace, cfg: RunConfig) -> int:
     from relicv2.distributed import shutdown_distributed
+    if args.max_steps is not None and args.max_steps < 1:  # 0 or less used to exit 0 having made an empty run directory
+        raise ConfigError(f"--max-steps must be >= 1 (steps in total, the resumed ones included), got {args.max_steps}; leave it out to train the whole run")
+    if args.resume and not Path(args.resume).is_file():
+        raise ConfigError(f"--resume {args.resume!r} does not exist; give a checkpoint file (RUN_DIR/checkpoints/step_*.pt), "
+                          "or leave --resume out to continue from the newest checkpoint in train.out_dir")
     resume = False if args.no_resume else (args.resume or True)
     progress = False if args.no_progress else None  # None: a bar in a terminal, lines in a log
     out = train_and_evaluate(cfg, resume=resume, max_steps=args.max_steps, evaluate=not args.no_eval, progress=progress)
@@ -250,7 +258,7 @@ def train_main(argv: list[str] | None = None) -> int:
 # %% ../nbs/90_cli.ipynb #a118e50d
 def load_run_encoder(run_dir: str | Path, overrides: list[str] | None = None):
     "The online encoder of a run directory's newest checkpoint, and the run's config (with `overrides` applied)."
-    from relicv2.encoder import resnet
+    from relicv2.encoder import resnet, state_dict_mismatch
     from relicv2.train import list_checkpoints, load_checkpoint
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file(): raise ConfigError(f"{str(run_dir)!r} is not a run directory (no config.yaml)")
@@ -260,7 +268,11 @@ def load_run_encoder(run_dir: str | Path, overrides: list[str] | None = None):
     state = load_checkpoint(ckpts[-1])
     e = cfg.encoder
     enc = resnet(e.arch, e.width, e.small_stem, channels_last=e.channels_last, padding=e.padding, shortcut=e.shortcut)
-    enc.load_state_dict({k[len("encoder."):]: v for k, v in state["online"].items() if k.startswith("encoder.")})
+    weights = {k[len("encoder."):]: v for k, v in state["online"].items() if k.startswith("encoder.")}
+    if (bad := state_dict_mismatch(enc.state_dict(), weights)):  # another config.yaml, or a --set encoder.* that does not fit
+        raise ConfigError(f"checkpoint {str(ckpts[-1])!r} does not fit a {e.arch} of width {e.width} (small_stem={e.small_stem}) "
+                          f"as {str(run_dir / 'config.yaml')!r} and --set say: {bad}; give the encoder.* settings it was trained with")
+    enc.load_state_dict(weights)
     return enc, cfg
 
 _E = EvalConfig()

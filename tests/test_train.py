@@ -126,6 +126,22 @@ def test_checkpoint_with_code_is_refused_before_it_runs(tmp_path):
         assert not witness.exists()
 
 
+class _System:
+    "Unpickling this object would run a shell command (os.system): what a malicious checkpoint holds."
+    def __init__(self, path): self.path = path
+    def __reduce__(self): return (os.system, (f"touch {self.path}",))
+
+
+def test_a_checkpoint_calling_os_system_is_named_as_refused_code_not_as_corrupt(tmp_path):
+    # today's torch words it "unsupported GLOBAL posix.system"; the message once read "corrupt or truncated ... delete it"
+    (tmp_path / "checkpoints").mkdir()
+    bad, witness = tmp_path / "checkpoints" / "step_0000002.pt", tmp_path / "ran.txt"
+    torch.save({"step": 2, "x": _System(witness)}, bad)
+    with pytest.raises(CheckpointError, match="refused without running any of it") as e:
+        load_checkpoint(bad)
+    assert "corrupt" not in str(e.value) and not witness.exists()
+
+
 def test_incompatible_checkpoint_is_refused(tmp_path):
     fit(tiny(tmp_path / "run"), max_steps=2, progress=False)
     with pytest.raises(CheckpointError, match="encoder.width"):
