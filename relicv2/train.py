@@ -45,8 +45,8 @@ from .views import ViewGenerator
 # %% auto #0
 __all__ = ['TRACE_OBJECTIVES', 'TrainingDiverged', 'non_finite', 'RunResult', 'cuda_backends', 'RunInterrupted', 'StopSignals',
            'stop_requested', 'StepParts', 'check_trace_terms', 'build_step', 'train_step', 'trace_terms',
-           'training_set', 'make_loader', 'batches_from', 'to_device', 'resume_state', 'write_checkpoint', 'StepLog',
-           'fit']
+           'training_set', 'make_loader', 'batches_from', 'to_device', 'newest_intact', 'resume_state',
+           'write_checkpoint', 'StepLog', 'fit']
 
 # %% ../nbs/09_train.ipynb #be5d9234
 class TrainingDiverged(RuntimeError):
@@ -361,18 +361,37 @@ def to_device(batch: rdata.Batch,  # from the loader, on the host (pinned on a G
 def _last_good(path: Optional[Path]) -> str:
     return str(path) if path else "none (no checkpoint was written yet)"
 
+def newest_intact(run_dir: Path,  # where the run's checkpoints are
+                  main: bool = True,  # this is process 0, which moves the unreadable ones aside
+                 ) -> tuple[Optional[Path], Optional[dict]]:  # the newest checkpoint that reads and its state; (None, None): none written
+    "The newest readable checkpoint of `run_dir`; newer corrupt ones are renamed `*.corrupt` (kept) with a warning each."
+    bad = []
+    for path in reversed(list_checkpoints(run_dir)):
+        try: state = load_checkpoint(path)
+        except CheckpointError as e:  # truncated, garbage, empty; or moved aside by process 0 meanwhile
+            if "corrupt or truncated" not in str(e) and "does not exist" not in str(e): raise  # code, another format: stop
+            bad.append((path, e)); continue
+        for b, e in bad if main else ():
+            if not b.exists(): continue
+            aside = b.with_name(b.name + ".corrupt"); b.replace(aside)
+            warnings.warn(f"skipped checkpoint {b.name}: {str(e).split('; ')[0].split(' is ')[-1]}; moved aside to {aside} "
+                          f"(not deleted); resuming from {path.name}, the newest intact one")
+        return path, state
+    if bad: raise bad[0][1]  # none reads: nothing to go back to, so nothing is moved; the error names the newest
+    return None, None
+
 def resume_state(p: StepParts,  # from `build_step`: loaded in place
                  run_dir: Path,  # where the run's checkpoints are
                  resume: bool | str | Path = True,  # as `fit`'s argument
                 ) -> tuple[int, Optional[Path]]:  # the step to go on from (0: a fresh start) and the checkpoint read
-    "Load the checkpoint `resume` names (True: the newest in `run_dir`) into `p`; a fresh start refuses an existing run."
+    "Load the checkpoint `resume` names (True: the newest intact one in `run_dir`) into `p`; a fresh start refuses an existing run."
     if resume is False:
         if list_checkpoints(run_dir):
             raise CheckpointError(f"{str(run_dir)!r} already holds checkpoints; resume, or choose another train.out_dir")
         return 0, None
-    path = Path(resume) if not isinstance(resume, bool) else (list_checkpoints(run_dir) or [None])[-1]
+    if isinstance(resume, bool): path, state = newest_intact(run_dir, p.env.is_main)  # a corrupt newest: the one before
+    else: path = Path(resume); state = load_checkpoint(path)  # the file asked for, or a clear error
     if path is None: return 0, None
-    state = load_checkpoint(path)
     check_resumable(state["config"], p.cfg, path)
     p.online.load_state_dict(state["online"])
     if p.target is not None: p.target.load_state_dict(state["target"])

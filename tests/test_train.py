@@ -604,3 +604,21 @@ def test_a_stopped_peer_ends_the_other_process_within_the_timeout_with_one_line(
     assert took < (timeout / 4 + 1 + 5 if signal_too else timeout + 5), took  # (+ the 2 s that reading the marks may take)
     assert not [f for f in (tmp_path / "run").rglob("*") if ".tmp" in f.name], "a half-written file was left"
     print(f"rank 0 ended {took:.1f} s after rank 1 stopped (timeout {timeout} s): {lines[0]}")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_a_corrupt_newest_checkpoint_is_moved_aside_and_the_run_resumes_from_the_one_before(tmp_path, damage):
+    cfg = tiny(tmp_path / "run", **{"train.ckpt_every": 1, "train.epochs": 2})
+    fit(cfg, max_steps=3, progress=False)
+    newest = list_checkpoints(tmp_path / "run")[-1]
+    assert newest.name == "step_0000003.pt"
+    data = newest.read_bytes()
+    newest.write_bytes({"truncated": data[:len(data) // 2], "garbage": os.urandom(4096), "empty": b""}[damage])
+    with pytest.warns(UserWarning, match=r"skipped checkpoint step_0000003.pt: corrupt or truncated \(\w+\); moved aside to .*"
+                                         r"step_0000003.pt.corrupt \(not deleted\); resuming from step_0000002.pt"):
+        res = fit(cfg, max_steps=4, progress=False)
+    assert res.steps == 4 and (tmp_path / "run" / "checkpoints" / "step_0000003.pt.corrupt").exists()
+    # from step 2 on, as if nothing had happened: the same weights as a run never damaged
+    whole = fit(tiny(tmp_path / "whole", **{"train.ckpt_every": 1, "train.epochs": 2}), max_steps=4, progress=False)
+    a, b = (load_checkpoint(list_checkpoints(d)[-1]) for d in (tmp_path / "run", tmp_path / "whole"))
+    assert all(torch.equal(a["online"][k], b["online"][k]) for k in b["online"])
