@@ -72,10 +72,10 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
             raise CheckpointError(f"checkpoint {str(path)!r} holds Python objects other than tensors and plain containers; "
                                   "refused without running any of it (a relicv2 checkpoint never holds them)") from None
         raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or truncated (UnpicklingError); "
-                              "delete it to resume from the previous one, or start a new out_dir") from None
+                              "resume from another one (--resume FILE), or start a new out_dir") from None
     except Exception as e:
         raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or truncated ({type(e).__name__}); "
-                              "delete it to resume from the previous one, or start a new out_dir") from None
+                              "resume from another one (--resume FILE), or start a new out_dir") from None
     if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
         raise CheckpointError(f"{str(path)!r} is not a relicv2 checkpoint (expected format {CKPT_FORMAT!r})")
     return state
