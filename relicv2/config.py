@@ -154,6 +154,7 @@ class TrainConfig:
     trace_terms: bool = False  # at each logged step, also log each loss term's gradient norm at the encoder (extra backward passes)
     cudnn_benchmark: bool = True  # on CUDA: cuDNN times its convolution algorithms for the fixed view shapes and keeps the fastest
     tf32: bool = True  # on CUDA in fp32: TF32 matmuls and convolutions (10-bit mantissa, several times fp32's rate on A100/H100)
+    collective_timeout_s: float = 900.0  # several processes: a collective (or a stop) that waits this long for another process ends the run
 
 @dataclass
 class EvalConfig:
@@ -289,6 +290,7 @@ RANGES = {  # field -> (accepts(value), what it accepts); every float must also 
     "optim.excluded_lr_scale": _between(0.0, 100.0),
     "train.epochs": _ge(1), "train.batch_size": _ge(1), "train.seed": _ge(0), "train.ckpt_every": _ge(1),
     "train.keep_last": _ge(1), "train.log_every": _ge(1), "train.monitor_steps": _ge(0),
+    "train.collective_timeout_s": ((lambda v: v > 0), "> 0 seconds"),
     "eval.linear_epochs": _ge(1), "eval.linear_batch_size": _ge(1), "eval.linear_base_lr": _between(0.0, 100.0),
     "eval.bn_recalibrate": _ge(0), "eval.crop_fraction": ((lambda v: 0 < v <= 1), "in (0, 1]"), "eval.knn_k": _ge(1), "eval.knn_temperature": _between(1e-3, 100.0),
     "eval.suites": _SUITES,

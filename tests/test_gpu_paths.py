@@ -411,7 +411,7 @@ def test_evaluation_runs_on_the_encoders_device_on_fake_cuda(solver):
     print(f"{solver}: {sync.total} host synchronisations\n{sync.table()}")
     probe = "linear_probe" if solver == "sgd" else "lbfgs_probe"
     assert seen == [(probe, CUDA0), ("knn_classify", CUDA0)]
-    assert set(out["val"]) == {"knn_top1", "knn_top5", "linear_top1", "linear_top5"}
+    assert set(out["val"]) == {"knn_top1", "knn_top5", "linear_top1", "linear_top5", "knn_balanced", "linear_balanced", "majority_top1", "class_counts"}
     assert sync.sites and not [k for k in sync.sites if k.startswith("copy to host")]  # no feature goes back to the host
 
 
