@@ -13,7 +13,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from . import data as _data  # module attributes, looked up when called
-from .data import TensorImages, collate, dataset_splits, from_config as dataset_from_config
+from .items import TensorImages, collate
+from .data import dataset_splits, from_config as dataset_from_config
 from .distributed import gather_shares, loader_workers, local_batchnorm, share
 from .probes import _check_int, _hits, _percent, _rank
 from .probes import LBFGS_DECAYS, knn_classify, lbfgs_probe, linear_probe  # moved to relicv2.probes; the old import path keeps working

@@ -11,7 +11,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .data import FAMILIES, SHAPES, TensorImages, _block_seed, shape_mask, texture
+from .items import TensorImages
+from .synthetic import FAMILIES, SHAPES, _block_seed, shape_mask, texture
 
 # %% auto #0
 __all__ = ['CLASSES', 'BACKGROUNDS', 'DARK', 'LIGHT', 'FOREGROUND', 'SPLITS', 'SPLIT_SIZES', 'SHAPE_AREA', 'SHAPE_REACH',

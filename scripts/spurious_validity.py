@@ -9,7 +9,7 @@ Usage: python scripts/spurious_validity.py [--runs runs/ablation/spurious_validi
 import argparse, csv, json, sys, time
 from pathlib import Path
 
-from relicv2.ablate import provenance
+from relicv2.files import provenance
 from relicv2.config import atomic_write, preset
 from relicv2.spurious import colour_retrieval, generate_spurious, validity_report
 from relicv2.views import ViewGenerator

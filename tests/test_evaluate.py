@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from relicv2.config import preset
-from relicv2.data import TensorImages
+from relicv2.items import TensorImages
 from relicv2.encoder import resnet
 from relicv2.evaluate import evaluate, evaluate_from_config, extract_features, format_table
 from relicv2.probes import knn_classify, linear_probe
@@ -337,7 +337,7 @@ def test_centre_crop_of_the_output_size_is_the_central_slice(h, w, fraction):
 
 def test_random_crops_are_a_function_of_seed_epoch_and_index_even_across_workers():
     from torch.utils.data import DataLoader
-    from relicv2.data import collate
+    from relicv2.items import collate
     crops = RandomCrops(_images(12), 16, seed=3)
     crops.set_epoch(2)
     alone = torch.stack([crops[i][0] for i in range(12)])
@@ -349,7 +349,7 @@ def test_random_crops_are_a_function_of_seed_epoch_and_index_even_across_workers
 
 
 def test_random_crops_of_images_of_any_size_batch_together():
-    from relicv2.data import collate
+    from relicv2.items import collate
     items = [RandomCrops(_images(1, h, w, seed=h), 24)[0] for h, w in ((20, 50), (64, 18), (24, 24))]
     assert collate(items).images.shape == (3, 3, 24, 24)
 

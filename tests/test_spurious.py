@@ -10,7 +10,8 @@ import yaml
 
 from relicv2.ablate import AblationSpec, run_ablation
 from relicv2.config import preset
-from relicv2.data import SyntheticShapes, make_dataset
+from relicv2.synthetic import SyntheticShapes
+from relicv2.data import make_dataset
 from relicv2.spurious import SPLITS, colour_retrieval, generate_spurious, validity_report
 from relicv2.views import ViewGenerator
 

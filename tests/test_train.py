@@ -466,7 +466,7 @@ def test_simclr_step_has_no_target_and_takes_the_gradient_through_both_sides(tmp
     "The step's gradient is that of the cross-entropies written out by hand with the keys' gradient kept, not dropped."
     import copy
     import torch.nn.functional as F
-    from relicv2.data import collate
+    from relicv2.items import collate
     from relicv2.distributed import DistEnv
     cfg = tiny(tmp_path, **{"loss.objective": "simclr", "loss.n_negatives": "none"})
     env = DistEnv()
