@@ -15,7 +15,8 @@ from torch.utils.data import Dataset, Subset
 
 from .items import Batch, TensorImages, collate
 from .data import dataset_splits, from_config
-from .evaluate import extract_features, recalibrate_bn
+from .probes import extract_features
+from .evaluate import recalibrate_bn
 from .probes import _hits, _percent, _rank, lbfgs_probe, linear_probe
 from .progress import ProgressArg, announce
 
