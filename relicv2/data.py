@@ -5,7 +5,6 @@
 # %% ../nbs/01_data.ipynb #2f0e8427
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Optional
 
@@ -206,23 +205,3 @@ def from_config(data_cfg,  # a `relicv2.config.DataConfig`
         ds = SaliencyMasked(ds, source, progress=progress)
     return ds
 
-
-# %% ../nbs/01_data.ipynb #e3af5e58
-_MOVED = {  # module: the names of it that `relicv2.data` still offers
-    "relicv2.synthetic": (
-        "SHAPES", "_polygon", "_box", "shape_mask", "FAMILIES", "texture", "SPLITS", "DEFAULT_SPLIT_SIZES", "BLOCK",
-        "GENERATOR_VERSION", "_block_seed", "_far_colours", "draw_block", "render_block", "generate_synthetic",
-        "default_cache_dir", "_check_cached", "load_or_generate", "SyntheticShapes",
-    ),
-    "relicv2.readers": (
-        "_IDX_TYPES", "read_idx", "FASHION_MNIST_ROOT", "FASHION_MNIST_CLASSES", "_idx_file", "FashionMNIST",
-        "IMG_EXTENSIONS", "CorruptImageError", "_decode", "read_mask", "_walk", "_subdirs", "scan_image_folder",
-        "ImageFolderMasked", "_TV", "torchvision_dataset",
-    ),
-}
-
-def __getattr__(name: str):
-    "A name of `relicv2.synthetic` or `relicv2.readers` asked of `relicv2.data`: the same object, imported on first use."
-    for module, names in _MOVED.items():
-        if name in names: return getattr(importlib.import_module(module), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

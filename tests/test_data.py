@@ -585,17 +585,6 @@ def test_from_config_masks_source(tmp_path):
     assert update(preset("tiny"), {"data.masks": "deepusps:w.pt"}).data.masks == "deepusps:w.pt"
 
 
-# ------------------------------------------------------------------------------------------------ module layering
-@pytest.mark.parametrize("first", ["relicv2.synthetic", "relicv2.readers", "relicv2.data"])
-def test_modules_import_alone_and_data_keeps_the_moved_names(first):
-    "Each data module imports first in a fresh process (no import cycle); relicv2.data still offers every moved name."
-    import subprocess, sys
-    code = (f"import {first}, relicv2.data as D, importlib\n"
-            "bad = [n for m, ns in D._MOVED.items() for n in ns if getattr(D, n) is not getattr(importlib.import_module(m), n)]\n"
-            "assert not bad, bad")
-    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-
 def test_mask_count_of_every_kind_and_of_subsets(tmp_path):
     "mask_count reads `n_masks` (and `has_mask` for a Subset of a dataset where only some images have a mask)."
     root = tree(tmp_path, n_per_class=2)
