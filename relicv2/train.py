@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from .config import ConfigError, RunConfig, save_config, to_dict
+from .config import RunConfig, save_config, to_dict
+from .files import ConfigError
 from .evaluate import Monitor  # the kNN learning curve (10_eval)
 from . import data as rdata
 from . import items as ritems
@@ -172,7 +173,7 @@ def build_step(cfg: RunConfig,  # the run
     "The networks, loss, optimiser, schedules and generators of a run, on its device, in the order `fit` seeds them."
     tc, dev = cfg.train, env.device
     check_trace_terms(cfg)
-    views = ViewGenerator.from_config(cfg.views)
+    views = ViewGenerator(cfg.views)
     objective = cfg.loss.objective
     online, target = build_networks(cfg.encoder, cfg.heads, predictor=objective != "simclr")
     if objective == "simclr": target = None  # online against online: no EMA network, no predictor

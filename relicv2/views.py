@@ -61,11 +61,6 @@ class ViewGenerator:
         "The generator's scratch memory for CPU tensors; on a GPU the caching allocator already reuses memory."
         return self._scratch if x.device.type == "cpu" else None
 
-    @classmethod
-    def from_config(cls, cfg: ViewsConfig, **overrides) -> ViewGenerator:
-        "`ViewGenerator(cfg, **overrides)`, by its older name."
-        return cls(cfg, **overrides)
-
     def __repr__(self):
         return f"ViewGenerator({', '.join(f'{k}={v!r}' for k, v in dataclasses.asdict(self.cfg).items())})"
 

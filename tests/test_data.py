@@ -564,7 +564,8 @@ def test_from_config(tmp_path):
 def test_from_config_masks_source(tmp_path):
     "data.masks: the dataset's own masks, none, or masks computed from the pixels (training only; evaluation computes none)."
     from dataclasses import replace
-    from relicv2.config import ConfigError, preset, update
+    from relicv2.config import preset, update
+    from relicv2.files import ConfigError
     from relicv2.data import SaliencyMasked
     cfg = DataConfig(dataset="spurious", image_size=24, synthetic_size=24, synthetic_train=16, masks="border")
     ds = D.from_config(cfg, "train")

@@ -350,7 +350,8 @@ def test_the_counter_counts_what_waits_for_the_device():
 def test_fit_refuses_a_batch_that_cannot_fit_its_gpu_before_any_work(tmp_path, monkeypatch):
     # fit's first check on a CUDA device (08c_memory's estimate): one line naming the batch that would fit, no run folder
     import relicv2.train as T
-    from relicv2.config import ConfigError, preset, update
+    from relicv2.config import preset, update
+    from relicv2.files import ConfigError
     from relicv2.distributed import DistEnv
     monkeypatch.setattr(T, "device_memory", lambda device: 4 * 2**30)  # a 4 GiB card
     cfg = update(preset("paper-1gpu"), {"train.out_dir": str(tmp_path / "run")})
@@ -486,7 +487,7 @@ def test_without_masks_no_mask_is_copied_or_read():
 
 def test_a_gpu_run_loads_with_workers_into_pinned_memory_and_sets_cudnn_and_tf32(tmp_path, monkeypatch):
     import relicv2.train as T
-    from relicv2.config import ConfigError
+    from relicv2.files import ConfigError
     ds = torch.utils.data.TensorDataset(torch.zeros(32))
     cfg = update(preset("tiny"), {"train.tf32": False, "train.out_dir": str(tmp_path / "run")})
     with fake_cuda_present(1), mock.patch("os.sched_getaffinity", lambda pid: set(range(16)), create=True):

@@ -56,7 +56,7 @@ def test_dataset_names():
 
 
 def _views():
-    return ViewGenerator.from_config(preset("spurious").views, n_large=2, n_small=0)
+    return ViewGenerator(preset("spurious").views, n_large=2, n_small=0)
 
 
 def test_colour_retrieval_small_sample():

@@ -530,7 +530,7 @@ def test_trace_terms_logs_the_gradient_norms_and_leaves_the_weights_bit_identica
 
 @pytest.mark.parametrize("objective", ["infonce", "byol", "simclr", "supervised", "relicv2 compiled"])
 def test_trace_terms_is_refused_for_an_objective_without_both_terms_and_under_compile(tmp_path, objective):
-    from relicv2.config import ConfigError
+    from relicv2.files import ConfigError
     over = {"train.trace_terms": True, "loss.objective": objective.split()[0], "train.compile": objective.endswith("compiled")}
     needle = "needs train.compile=false" if over["train.compile"] else f"needs loss.objective 'relicv2'.*got loss.objective='{objective}'"
     with pytest.raises(ConfigError, match=f"train.trace_terms=true {needle}"):
