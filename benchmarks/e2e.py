@@ -90,7 +90,7 @@ class LightlyStep:
         e, h = cfg.encoder, cfg.heads
         backbone = resnet(e.arch, e.width, e.small_stem, e.zero_init_residual, e.channels_last)
         self.model = LightlyBYOL(backbone, backbone.feat_dim, h.projector_hidden, h.projector_out).to(device).train()
-        self.criterion = ReLICv2Loss.from_config(cfg.loss)  # the same objective on both sides
+        self.criterion = ReLICv2Loss(cfg.loss)  # the same objective on both sides
         self.optimizer = LightlyLARS([p for p in self.model.parameters() if p.requires_grad], lr=0.0, momentum=cfg.optim.momentum,
                                      weight_decay=cfg.optim.weight_decay, trust_coefficient=cfg.optim.trust_coefficient)
         self.lr = cfg.optim.base_lr * cfg.train.batch_size / 256

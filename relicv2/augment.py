@@ -12,11 +12,13 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from .config import MASK_FILLS  # the choice list is declared in the config (00_config)
+
 # %% auto #0
-__all__ = ['JITTER_OPS', 'MASK_FILLS', 'row_groups', 'Scratch', 'sample_crop_boxes', 'crop_positions', 'cubic_weights',
-           'resized_crops', 'resized_crop', 'resized_crop_mask', 'adjust_brightness', 'adjust_contrast', 'rgb_to_hsv',
-           'hsv_to_rgb', 'adjust_hue', 'adjust_saturation', 'jitter_keys', 'color_jitter', 'to_grayscale',
-           'blur_kernel_size', 'gaussian_blur', 'solarize', 'swap_partners', 'remove_background']
+__all__ = ['JITTER_OPS', 'row_groups', 'Scratch', 'sample_crop_boxes', 'crop_positions', 'cubic_weights', 'resized_crops',
+           'resized_crop', 'resized_crop_mask', 'adjust_brightness', 'adjust_contrast', 'rgb_to_hsv', 'hsv_to_rgb',
+           'adjust_hue', 'adjust_saturation', 'jitter_keys', 'color_jitter', 'to_grayscale', 'blur_kernel_size',
+           'gaussian_blur', 'solarize', 'swap_partners', 'remove_background']
 
 # %% ../nbs/02_augment.ipynb #752ba024
 def _uniform(n: int, k: int, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -327,8 +329,6 @@ def solarize(x: Tensor,  # (n, C, H, W) in [0, 1]
     return torch.where(x < threshold, x, 1 - x)
 
 # %% ../nbs/02_augment.ipynb #4826210c
-MASK_FILLS = ("zeros", "mean", "random", "swap")
-
 def swap_partners(n: int, generator: Optional[torch.Generator] = None) -> Tensor:  # (n,) long, partner[i] != i for n > 1
     "A random cyclic pairing of the batch: image i takes its background from image partner[i]."
     p = torch.randperm(n, generator=generator, device=None if generator is None else generator.device)

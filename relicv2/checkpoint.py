@@ -69,14 +69,14 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     if not path.is_file(): raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try: state = torch.load(path, map_location=map_location, weights_only=True)  # tensors and plain containers only
     except pickle.UnpicklingError as e:
-        if "Unsupported global" in str(e):  # the unpickler met a class or function: refused before calling it
+        if "global" in str(e).lower():  # the unpickler met a class or function ("Unsupported global", "unsupported GLOBAL"): refused before calling it
             raise CheckpointError(f"checkpoint {str(path)!r} holds Python objects other than tensors and plain containers; "
                                   "refused without running any of it (a relicv2 checkpoint never holds them)") from None
         raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or truncated (UnpicklingError); "
-                              "delete it to resume from the previous one, or start a new out_dir") from None
+                              "resume from another one (--resume FILE), or start a new out_dir") from None
     except Exception as e:
         raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or truncated ({type(e).__name__}); "
-                              "delete it to resume from the previous one, or start a new out_dir") from None
+                              "resume from another one (--resume FILE), or start a new out_dir") from None
     if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
         raise CheckpointError(f"{str(path)!r} is not a relicv2 checkpoint (expected format {CKPT_FORMAT!r})")
     return state

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,21 +47,28 @@ def one_line(e: BaseException) -> str:
     if "\nOriginal Traceback" not in text: return "; ".join(l.strip() for l in text.splitlines() if l.strip())
     lines = [l for l in text.splitlines() if l.strip()]
     where = lines[0].removeprefix("Caught ").partition(" in ")[2].rstrip(".")  # e.g. "DataLoader worker process 0"
-    return f"{lines[-1].strip().removeprefix(type(e).__name__ + ': ')} (in {where})"
+    last_frame = max(i for i, l in enumerate(lines) if l.startswith(" "))  # the worker's traceback, then its error, whole
+    said = re.sub(r"^[A-Za-z_][\w.]*: ", "", "; ".join(l.strip() for l in lines[last_frame + 1:]))  # less its class's (dotted) name
+    return f"{said} (in {where})"
 
 def report(prog: str,  # the command's name
            e: BaseException,  # what stopped the command
           ) -> int | None:  # the exit code, after one line on stderr; None: a bug, to be raised with its traceback
-    "One line and an exit code for what a user can act on: 2 bad input, 1 a run that cannot go on, 128 + N signal N."
+    "One line and an exit code for what a user can act on (the table above): 2 bad input, 1 a run that cannot go on, 3 a peer failed, 128 + N signal N."
     if isinstance(e, (ConfigError, ValueError, FileNotFoundError, NotADirectoryError)):  # configuration, arguments, data, paths
         print(f"{prog}: error: {_where()}{one_line(e)}", file=sys.stderr); return 2
     if isinstance(e, BrokenPipeError): return 141  # the reader of our output went away (`| head`): nothing to say
     if isinstance(e, OSError):  # the system refused a read or a write: a full disk, permissions
         print(f"{prog}: error: {_where()}{e.filename + ': ' if e.filename else ''}{e.strerror or one_line(e)}", file=sys.stderr); return 1
+    if "relicv2.distributed" in sys.modules:
+        from relicv2.distributed import PeerFailure
+        if isinstance(e, PeerFailure):  # another process died or stopped answering: the line names it (and this rank)
+            print(f"{prog}: error: {one_line(e)}", file=sys.stderr); return 3
     if "relicv2.train" in sys.modules:  # the run's own exceptions (only a run that got that far can raise them)
         from relicv2.train import CheckpointError, RunInterrupted, TrainingDiverged
         if isinstance(e, RunInterrupted):  # stopped by SIGTERM / Ctrl-C after a checkpoint: not an error
-            print(f"{prog}: {_where()}{e}", file=sys.stderr); return 128 + e.signum  # 143, 130: what shells expect
+            print(f"{prog}: {_where()}{e}", file=sys.stderr)  # alone: 143, 130, what shells expect; under torchrun 0,
+            return 0 if "TORCHELASTIC_RUN_ID" in os.environ else 128 + e.signum  # which it does not report as a failure
         if isinstance(e, (CheckpointError, TrainingDiverged)):  # a corrupt checkpoint, a diverged run
             print(f"{prog}: error: {_where()}{one_line(e)}", file=sys.stderr); return 1
     return None
@@ -126,23 +134,34 @@ class TrainedRun:
     results: Optional[dict] = None  # {row: {split: {metric: %}}} as in eval.json; None: not evaluated
     suites: Optional[dict] = None  # {'trained': {suite: {split: {metric: value}}}} as in suites.json (eval.suites); None: none asked
     stored: bool = False  # the run had finished before: `results` were read back from its eval.json
-    n_classes: int = 0  # classes of the dataset, for the chance level
+    n_classes: int = 0  # classes of the training set, named under the table
 
     def table(self) -> str:
         "The results as `relicv2-train` prints them (`results_table`)."
         return "" if self.results is None else results_table(self.results, self.n_classes)
 
-def accuracy_note(n_classes: int) -> str:
-    "The line under a results table: its unit and the chance level."
-    chance = f"; chance is {100 / n_classes:.3g}% ({n_classes} classes)" if n_classes else ""
-    return f"(accuracy in % on held-out images{chance})"
+def accuracy_note(results: dict,  # {row: {split: {metric: %}}}, as in eval.json
+                  n_classes: int,  # classes of the training set (0: unknown)
+                 ) -> str:
+    "The lines under a results table: the unit, and per split its images per class and what always answering the most frequent class scores."
+    lines = [f"(accuracy in % on held-out images; *_balanced: the mean of the per-class accuracies"
+             + (f"; {n_classes} training classes)" if n_classes else ")")]
+    for split, vals in next(iter(results.values()), {}).items():  # the same images in every row
+        counts = vals.get("class_counts") if isinstance(vals, dict) else None
+        if not counts: continue  # an evaluation written before they were kept
+        held = [k for k in counts if k]
+        shape = "every class alike" if len(set(held)) == 1 else f"{min(held)} to {max(held)} a class"
+        lines.append(f"{split}: {sum(counts)} images of {len(held)} of the {len(counts)} classes ({shape}); always answering "
+                     f"the most frequent training class scores {vals['majority_top1']:.1f}%")
+    return "\n".join(lines)
 
 def results_table(results: dict,  # {row: {split: {metric: %}}}, as in eval.json
-                  n_classes: int,  # classes of the dataset, for the chance level (0: unknown)
+                  n_classes: int,  # classes of the training set (0: unknown)
                  ) -> str:
-    "The table both `relicv2-train` and `relicv2-eval` print: kNN and linear top-1 per split, the unit, the chance level and any row's note."
+    "The table both `relicv2-train` and `relicv2-eval` print: kNN and linear top-1 and balanced accuracy per split, the unit, each split's floor and any row's note."
     from relicv2.evaluate import format_table, table_notes
-    return "\n".join([format_table(results, metrics=("knn_top1", "linear_top1")), accuracy_note(n_classes), *table_notes(results)])
+    return "\n".join([format_table(results, metrics=("knn_top1", "knn_balanced", "linear_top1", "linear_balanced")),
+                      accuracy_note(results, n_classes), *table_notes(results)])
 
 def _n_classes(cfg: RunConfig) -> int:
     from relicv2.data import from_config
@@ -158,6 +177,9 @@ def train_and_evaluate(cfg: RunConfig,  # the whole run, e.g. `preset("demo")`
     "All that `relicv2-train` does, from Python: `fit`, the encoder's weights in both formats, and the evaluation in eval.json."
     from relicv2.train import fit
     from relicv2.data import dataset_splits
+    from relicv2.evaluate import check_eval_splits
+    if evaluate and [s for s in dataset_splits(cfg.data.dataset) if s != "train"]:
+        check_eval_splits(cfg)  # before any training: a class unknown to the training split is refused now, a missing one named
     res = fit(cfg, resume=resume, max_steps=max_steps, progress=progress)
     if int(os.environ.get("RANK", "0")) != 0 or res.steps == 0: return TrainedRun(res)  # one process exports and evaluates
     enc = res.run_dir / "encoder.pt"
@@ -193,6 +215,11 @@ def target_note(share: float) -> str:
 
 def _train(args: argparse.Namespace, cfg: RunConfig) -> int:
     from relicv2.distributed import shutdown_distributed
+    if args.max_steps is not None and args.max_steps < 1:  # 0 or less used to exit 0 having made an empty run directory
+        raise ConfigError(f"--max-steps must be >= 1 (steps in total, the resumed ones included), got {args.max_steps}; leave it out to train the whole run")
+    if args.resume and not Path(args.resume).is_file():
+        raise ConfigError(f"--resume {args.resume!r} does not exist; give a checkpoint file (RUN_DIR/checkpoints/step_*.pt), "
+                          "or leave --resume out to continue from the newest checkpoint in train.out_dir")
     resume = False if args.no_resume else (args.resume or True)
     progress = False if args.no_progress else None  # None: a bar in a terminal, lines in a log
     out = train_and_evaluate(cfg, resume=resume, max_steps=args.max_steps, evaluate=not args.no_eval, progress=progress)
@@ -232,7 +259,7 @@ def train_main(argv: list[str] | None = None) -> int:
 # %% ../nbs/90_cli.ipynb #a118e50d
 def load_run_encoder(run_dir: str | Path, overrides: list[str] | None = None):
     "The online encoder of a run directory's newest checkpoint, and the run's config (with `overrides` applied)."
-    from relicv2.encoder import resnet
+    from relicv2.encoder import resnet, state_dict_mismatch
     from relicv2.train import list_checkpoints, load_checkpoint
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file(): raise ConfigError(f"{str(run_dir)!r} is not a run directory (no config.yaml)")
@@ -242,7 +269,11 @@ def load_run_encoder(run_dir: str | Path, overrides: list[str] | None = None):
     state = load_checkpoint(ckpts[-1])
     e = cfg.encoder
     enc = resnet(e.arch, e.width, e.small_stem, channels_last=e.channels_last, padding=e.padding, shortcut=e.shortcut)
-    enc.load_state_dict({k[len("encoder."):]: v for k, v in state["online"].items() if k.startswith("encoder.")})
+    weights = {k[len("encoder."):]: v for k, v in state["online"].items() if k.startswith("encoder.")}
+    if (bad := state_dict_mismatch(enc.state_dict(), weights)):  # another config.yaml, or a --set encoder.* that does not fit
+        raise ConfigError(f"checkpoint {str(ckpts[-1])!r} does not fit a {e.arch} of width {e.width} (small_stem={e.small_stem}) "
+                          f"as {str(run_dir / 'config.yaml')!r} and --set say: {bad}; give the encoder.* settings it was trained with")
+    enc.load_state_dict(weights)
     return enc, cfg
 
 _E = EvalConfig()
@@ -267,6 +298,8 @@ def _eval(args: argparse.Namespace, cfg: RunConfig) -> int:
     state_dir = Path(args.state_dir) if args.state_dir else state_dir
     dev = resolve_device(cfg.train.device)
     splits = tuple(args.splits.split(",")) if args.splits else None
+    from relicv2.evaluate import check_eval_splits
+    check_eval_splits(cfg, splits)  # before the features: unknown classes refused, missing ones named
     progress = False if args.no_progress else None
     # the floor first: the same evaluation of raw pixels and of the run's random init
     rows = evaluate_run(cfg, enc.to(dev), progress, baselines=not args.no_baselines, name=name, splits=splits, state_dir=state_dir)

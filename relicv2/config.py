@@ -18,10 +18,12 @@ from typing import Any, Literal, Optional
 from .files import ConfigError, atomic_write, read_file  # the ground floor (00b_files); also importable from here
 
 # %% auto #0
-__all__ = ['Pair', 'SALIENCY_METHODS', 'EVAL_SUITES', 'RANGES', 'RENAMED', 'SHORT_RUN', 'PRESETS', 'MAIN_PRESET',
-           'CONVERT_FORMATS', 'DataConfig', 'ViewsConfig', 'EncoderConfig', 'HeadConfig', 'LossConfig', 'TargetConfig',
-           'OptimConfig', 'TrainConfig', 'EvalConfig', 'RunConfig', 'coerce', 'check_range', 'update', 'to_dict',
-           'preset', 'parse_set', 'load_config', 'save_config']
+__all__ = ['Pair', 'MASK_FILLS', 'ARCHS', 'PADDINGS', 'SHORTCUTS', 'OBJECTIVES', 'KL_DIRECTIONS', 'KL_CONSTRUCTIONS',
+           'OPTIMIZERS', 'PRECISIONS', 'LINEAR_SOLVERS', 'PROTOCOLS', 'SALIENCY_METHODS', 'MASK_CONTROLS',
+           'MASK_SOURCES', 'EVAL_SUITES', 'RANGES', 'RENAMED', 'SHORT_RUN', 'PRESETS', 'MAIN_PRESET', 'CONVERT_FORMATS',
+           'DataConfig', 'ViewsConfig', 'EncoderConfig', 'HeadConfig', 'LossConfig', 'TargetConfig', 'OptimConfig',
+           'TrainConfig', 'EvalConfig', 'RunConfig', 'coerce', 'check_range', 'update', 'to_dict', 'preset',
+           'parse_set', 'load_config', 'save_config']
 
 # %% ../nbs/00_config.ipynb #cb0670b3
 @dataclass
@@ -44,6 +46,7 @@ class DataConfig:
 
 # %% ../nbs/00_config.ipynb #4a618c81
 Pair = tuple[float, float]
+MASK_FILLS = ("zeros", "mean", "random", "swap")  # what replaces a masked view's background (02_augment)
 
 @dataclass
 class ViewsConfig:
@@ -66,20 +69,24 @@ class ViewsConfig:
     blur_sigma: Pair = (0.1, 2.0)  # [B] blur sigma ~ U(lo, hi); kernel side ~ size/10
     solarize_prob: Pair = (0.0, 0.2)  # [B] solarize (threshold 0.5), per view type
     mask_prob: float = 0.1  # [R] p_m: a large view has its background removed with this probability [P: exists]
-    mask_fill: Literal["zeros", "mean", "random", "swap"] = "zeros"  # [R] what replaces the background
+    mask_fill: Literal[MASK_FILLS] = "zeros"  # [R] what replaces the background
     min_mask_coverage: float = 0.01  # [R] masks covering less than this count as "no mask"
 
 # %% ../nbs/00_config.ipynb #11002fb6
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet200")  # the ResNets of 04_encoder
+PADDINGS = ("torch", "same")  # symmetric padding, or TensorFlow/Haiku's 'SAME'
+SHORTCUTS = ("when_needed", "every_stage")  # projection where the shape changes, or on every stage's first block
+
 @dataclass
 class EncoderConfig:
     "The ResNet encoder."
-    arch: Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet200"] = "resnet50"  # [P] ResNet-50 is the headline model
+    arch: Literal[ARCHS] = "resnet50"  # [P] ResNet-50 is the headline model
     width: float = 1.0  # [P] width multiplier applied to every layer, stem included (paper: 1, 2, 4)
     small_stem: bool = False  # [R] 3x3 conv stem without max-pool, for 32-64 px images
     zero_init_residual: bool = False  # [R] zero-init the last BN gamma of each block
     channels_last: bool = False  # memory format for convolutions (faster on recent GPUs)
-    padding: Literal["torch", "same"] = "torch"  # [B] same: Haiku's 'SAME' before stride-2 layers, as DeepMind's weights need
-    shortcut: Literal["when_needed", "every_stage"] = "when_needed"  # [B] every_stage: DeepMind's ResNet-18/34 projections
+    padding: Literal[PADDINGS] = "torch"  # [B] same: Haiku's 'SAME' before stride-2 layers, as DeepMind's weights need
+    shortcut: Literal[SHORTCUTS] = "when_needed"  # [B] every_stage: DeepMind's ResNet-18/34 projections
 
 @dataclass
 class HeadConfig:
@@ -89,16 +96,20 @@ class HeadConfig:
     predictor_hidden: int = 4096  # [B]
 
 # %% ../nbs/00_config.ipynb #d751b3db
+OBJECTIVES = ("relicv2", "infonce", "byol", "simclr", "supervised")  # 05_loss; supervised is the trainer's cross-entropy (09_train)
+KL_DIRECTIONS = ("online_to_target", "target_to_online", "symmetric")  # which KL the invariance term takes (05_loss)
+KL_CONSTRUCTIONS = ("anchor_swap", "relic_v1")  # how its second distribution is built (05_loss)
+
 @dataclass
 class LossConfig:
     "The objective: ReLICv2 (contrastive + KL invariance), or a baseline through the same code."
-    objective: Literal["relicv2", "infonce", "byol", "simclr", "supervised"] = "relicv2"  # [P] relicv2; the others are baselines (infonce: relicv2 with alpha = 0; simclr: online-online, no target; supervised: cross-entropy on labels)
+    objective: Literal[OBJECTIVES] = "relicv2"  # [P] relicv2; the others are baselines (infonce: relicv2 with alpha = 0; simclr: online-online, no target; supervised: cross-entropy on labels)
     tau: float = 0.2  # [R, verify] temperature of the similarity softmax
     alpha: float = 1.0  # [R, verify] weight of the KL invariance term
     n_negatives: Optional[int] = 10  # [R] n_e negatives sampled per image; None = all others in the batch
     beta: float = 1.0  # [R] weight of the negatives in the denominator (1.0 = off)
-    kl_direction: Literal["online_to_target", "target_to_online", "symmetric"] = "online_to_target"  # [R]
-    kl_construction: Literal["anchor_swap", "relic_v1"] = "anchor_swap"  # [R] second distribution: roles swapped in a pair, or ReLIC's other ordering
+    kl_direction: Literal[KL_DIRECTIONS] = "online_to_target"  # [R]
+    kl_construction: Literal[KL_CONSTRUCTIONS] = "anchor_swap"  # [R] second distribution: roles swapped in a pair, or ReLIC's other ordering
 
 @dataclass
 class TargetConfig:
@@ -107,10 +118,15 @@ class TargetConfig:
                             # schedule per step; not a temperature (that is loss.tau)
 
 # %% ../nbs/00_config.ipynb #227ff917
+OPTIMIZERS = ("lars", "sgd", "adamw")  # 07_optim
+PRECISIONS = ("fp32", "bf16", "fp16")  # autocast dtypes (09_train)
+LINEAR_SOLVERS = ("sgd", "lbfgs")  # linear probes (10_eval)
+PROTOCOLS = ("features", "augmented")  # evaluation protocols (10_eval)
+
 @dataclass
 class OptimConfig:
     "Optimiser and learning-rate schedule."
-    optimizer: Literal["lars", "sgd", "adamw"] = "lars"  # [B] LARS as in BYOL; the others for small CPU runs
+    optimizer: Literal[OPTIMIZERS] = "lars"  # [B] LARS as in BYOL; the others for small CPU runs
     base_lr: float = 0.2  # [B] BYOL 1000-epoch preset; lr = base_lr * batch / 256
     weight_decay: float = 1.5e-6  # [B]
     momentum: float = 0.9  # [B]
@@ -125,7 +141,7 @@ class TrainConfig:
     batch_size: int = 4096  # [B] global batch, summed over processes
     seed: int = 0  # seeds every random number generator
     device: str = "auto"  # `auto` (cuda if present, else cpu), `cpu`, `cuda`, `cuda:1`...
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype; fp16 uses a grad scaler
+    precision: Literal[PRECISIONS] = "fp32"  # autocast dtype; fp16 uses a grad scaler
     compile: bool = False  # torch.compile the networks
     sync_bn: bool = False  # SyncBatchNorm under DDP
     tune_malloc: bool = True  # on the CPU, keep freed memory mapped (glibc's mallopt; see 09_train)
@@ -138,6 +154,7 @@ class TrainConfig:
     trace_terms: bool = False  # at each logged step, also log each loss term's gradient norm at the encoder (extra backward passes)
     cudnn_benchmark: bool = True  # on CUDA: cuDNN times its convolution algorithms for the fixed view shapes and keeps the fastest
     tf32: bool = True  # on CUDA in fp32: TF32 matmuls and convolutions (10-bit mantissa, several times fp32's rate on A100/H100)
+    collective_timeout_s: float = 900.0  # several processes: a collective (or a stop) that waits this long for another process ends the run
 
 @dataclass
 class EvalConfig:
@@ -145,8 +162,8 @@ class EvalConfig:
     linear_epochs: int = 100  # [B]
     linear_batch_size: int = 1024  # [B]
     linear_base_lr: float = 0.3  # [B] lr = base_lr * batch / 256, SGD Nesterov, cosine, no weight decay
-    linear_solver: Literal["sgd", "lbfgs"] = "sgd"  # [B] sgd: BYOL's protocol; lbfgs: SimCLR's, L2 weight chosen on held-out rows
-    protocol: Literal["features", "augmented"] = "features"  # [R] features: probes on whole-image features computed once; augmented: the official protocol (new crops every epoch)
+    linear_solver: Literal[LINEAR_SOLVERS] = "sgd"  # [B] sgd: BYOL's protocol; lbfgs: SimCLR's, L2 weight chosen on held-out rows
+    protocol: Literal[PROTOCOLS] = "features"  # [R] features: probes on whole-image features computed once; augmented: the official protocol (new crops every epoch)
     crop_fraction: float = 0.875  # [B] augmented protocol: test images centre-cropped to this share of the shorter side (224 / 256)
     bn_recalibrate: int = 0  # [R] re-estimate BN statistics on this many whole training images before evaluating (0 = off)
     knn_k: int = 20  # [R] neighbours (common practice: 20 or 200)
@@ -238,10 +255,12 @@ _AREA = (lambda v: 0.0 < v[0] <= v[1] <= 1.0), "a pair lo,hi with 0 < lo <= hi <
 _POS_PAIR = (lambda v: 0.0 < v[0] <= v[1] < math.inf), "a pair lo,hi with 0 < lo <= hi"
 _OPT_GE1 = (lambda v: v is None or v >= 1), "none or an int >= 1"
 SALIENCY_METHODS = ("spectral", "frequency", "border", "fusion", "deepusps")  # relicv2.saliency.METHODS, each explained there
+MASK_CONTROLS = ("wrong", "degraded:IOU")  # controls of a dataset's own masks (03d_mask_controls)
+MASK_SOURCES = ("dataset", "none", *SALIENCY_METHODS[:-1], "deepusps:WEIGHTS", *MASK_CONTROLS)  # the forms of data.masks (03c_mask_tree)
 def _degraded(v: str) -> bool:
     try: return v.startswith("degraded:") and 0.0 < float(v[9:]) < 1.0
     except ValueError: return False
-_MASKS = ((lambda v: v in ("dataset", "none", "wrong") or v in SALIENCY_METHODS[:-1] or (v.startswith("deepusps:") and len(v) > 9)
+_MASKS = ((lambda v: (v in MASK_SOURCES and ":" not in v) or (v.startswith("deepusps:") and len(v) > 9)
            or _degraded(v)),
           "'dataset', 'none', a classical saliency method (spectral, frequency, border, fusion), deepusps:WEIGHTS, "
           "'wrong' or degraded:IOU with 0 < IOU < 1")
@@ -271,6 +290,7 @@ RANGES = {  # field -> (accepts(value), what it accepts); every float must also 
     "optim.excluded_lr_scale": _between(0.0, 100.0),
     "train.epochs": _ge(1), "train.batch_size": _ge(1), "train.seed": _ge(0), "train.ckpt_every": _ge(1),
     "train.keep_last": _ge(1), "train.log_every": _ge(1), "train.monitor_steps": _ge(0),
+    "train.collective_timeout_s": ((lambda v: v > 0), "> 0 seconds"),
     "eval.linear_epochs": _ge(1), "eval.linear_batch_size": _ge(1), "eval.linear_base_lr": _between(0.0, 100.0),
     "eval.bn_recalibrate": _ge(0), "eval.crop_fraction": ((lambda v: 0 < v <= 1), "in (0, 1]"), "eval.knn_k": _ge(1), "eval.knn_temperature": _between(1e-3, 100.0),
     "eval.suites": _SUITES,

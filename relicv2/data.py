@@ -14,12 +14,13 @@ from torch.utils.data import Dataset
 
 from . import readers, spurious, synthetic
 from .deepusps import METHODS, SaliencyUNet, _batches, load_deepusps, masks_at_size
-from .mask_controls import CONTROLS, control_masks, parse_control
+from .config import MASK_SOURCES
+from .mask_controls import control_masks, parse_control
 from .progress import Progress, ProgressArg
 
 # %% auto #0
-__all__ = ['DATASETS', 'MASK_SOURCES', 'dataset_splits', 'make_dataset', 'mask_count', 'parse_classes', 'item_labels',
-           'ClassSubset', 'SaliencyMasked', 'from_config']
+__all__ = ['DATASETS', 'dataset_splits', 'make_dataset', 'mask_count', 'parse_classes', 'item_labels', 'ClassSubset',
+           'SaliencyMasked', 'from_config']
 
 # %% ../nbs/01_data.ipynb #64f6e531
 DATASETS = ("synthetic", "spurious", "fashion-mnist", "imagefolder", "cifar10", "cifar100", "stl10")
@@ -132,8 +133,6 @@ class ClassSubset(Dataset):
         return image, mask, int(self.labels[i])
 
 # %% ../nbs/01_data.ipynb #sm01a0e2
-MASK_SOURCES = ("dataset", "none", *(m for m in METHODS if m != "deepusps"), "deepusps:WEIGHTS", *CONTROLS)  # values of data.masks
-
 def _mask_source(source: str) -> tuple[Optional[str], Optional[SaliencyUNet]]:
     "(method, model) for a `data.masks` value other than 'dataset': (None, None) for 'none'."
     if source == "none": return None, None

@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
+import sys
+import threading
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -15,7 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['resolve_device', 'DistEnv', 'init_distributed', 'shutdown_distributed', 'world_size', 'host_group', 'loader_workers',
+__all__ = ['resolve_device', 'DistEnv', 'init_distributed', 'shutdown_distributed', 'world_size', 'host_group', 'PeerFailure',
+           'is_peer_error', 'die_with_launcher', 'mark_progress', 'last_steps', 'peer_failure', 'loader_workers',
            'gather_with_grad', 'gather', 'share', 'gather_shares', 'all_reduce_with_grad', 'GlobalBatchNorm',
            'sync_batchnorm', 'LocalBatchNorm', 'local_batchnorm']
 
@@ -59,6 +64,7 @@ def init_distributed(device: str = "auto",  # `auto`, `cpu`, `cuda` or `cuda:N`;
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
                                 **({"device_id": dev} if backend == "nccl" else {}))
+        die_with_launcher()  # torchrun killed: this process goes too (below)
     return DistEnv(rank, world, local, dev)
 
 def shutdown_distributed():
@@ -78,6 +84,52 @@ def host_group():
     default = dist.group.WORLD
     if default not in _HOST_GROUPS: _HOST_GROUPS.clear(); _HOST_GROUPS[default] = dist.new_group(backend="gloo")  # every process, once
     return _HOST_GROUPS[default]
+
+# %% ../nbs/08_distributed.ipynb #594b3853
+class PeerFailure(RuntimeError):
+    "Another process died or stopped answering; the message names this process, the step and the processes it waited for."
+
+_PEER_SIGNS = ("third_party/gloo", "Connection reset by peer", "Connection closed by peer", "Timed out waiting",  # gloo's
+               "Application timeout caused pair closure", "NCCL")
+
+def is_peer_error(e: BaseException) -> bool:
+    "Whether `e` is a collective that failed because another process died or stopped answering (gloo's and NCCL's words)."
+    return isinstance(e, getattr(dist, "DistError", ())) or (isinstance(e, RuntimeError) and any(s in str(e) for s in _PEER_SIGNS))
+
+def die_with_launcher() -> bool:
+    "Under torchrun on Linux: the kernel kills this process when its launcher dies (PR_SET_PDEATHSIG); whether that was set."
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"): return False
+    import ctypes
+    return ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0) == 0  # 1: PR_SET_PDEATHSIG
+
+# %% ../nbs/08_distributed.ipynb #47faecbe
+_STEP_KEY = "relicv2/step/"  # + rank: the step that process began last
+
+def mark_progress(step: int) -> None:
+    "Write the step this process begins into the process group's store, for `peer_failure` (nothing in one process)."
+    if world_size() > 1: dist.distributed_c10d._get_default_store().set(f"{_STEP_KEY}{dist.get_rank()}", str(step))
+
+def last_steps(wait_s: float = 2.0) -> dict[int, Optional[int]]:
+    "Every other process's last marked step (0: none yet), None for those the store did not give within `wait_s` seconds."
+    me, world, out = dist.get_rank(), dist.get_world_size(), {}
+    def read():
+        store = dist.distributed_c10d._get_default_store()
+        for r in range(world):
+            if r != me: out[r] = int(store.get(f"{_STEP_KEY}{r}")) if store.check([f"{_STEP_KEY}{r}"]) else 0
+    t = threading.Thread(target=read, daemon=True); t.start(); t.join(wait_s)  # a store on a stopped process never answers
+    return {r: out.get(r) for r in range(world) if r != me}
+
+def peer_failure(e: BaseException,  # the collective's error (`is_peer_error`)
+                 step: int,  # the step this process was in (counted from 1)
+                 why: Optional[str] = None,  # what the processes waited for did (default: read from `e`)
+                ) -> PeerFailure:
+    "One line for a collective that failed at `step`: the processes waited for (those behind this one, else every other) and why."
+    steps = last_steps()
+    behind = [r for r, s in steps.items() if s is None or s < step] or list(steps)
+    why = why or ("stopped answering (no reply within train.collective_timeout_s)" if "timeout" in str(e).lower().replace("timed out", "timeout") else "failed (its connection broke)")
+    seen = ", ".join(f"rank {r} " + ("unreadable" if s is None else f"began step {s}" if s else "had begun no step") for r, s in steps.items())
+    return PeerFailure(f"rank {dist.get_rank()}: step {step}: waited for rank{'s' * (len(behind) > 1)} "
+                       f"{', '.join(map(str, behind))}, which {why}; last marks: {seen}")
 
 # %% ../nbs/08_distributed.ipynb #8b952dbe
 def loader_workers(data,  # a `DataConfig`: num_workers, pin_memory, gpu_workers

@@ -12,12 +12,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
+from .config import ARCHS, PADDINGS, SHORTCUTS  # the choice lists are declared in the config (00_config)
+
 
 # %% auto #0
-__all__ = ['ARCHS', 'TORCHVISION_ARCHS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'PADDINGS', 'SHORTCUTS', 'conv3x3', 'conv1x1',
-           'batch_norm', 'shortcut', 'BasicBlock', 'Bottleneck', 'scaled', 'check_encoder_args', 'make_stage',
-           'make_stem', 'same_pads', 'SameConv2d', 'SameMaxPool2d', 'same_padding', 'init_weights', 'check_images',
-           'ResNet', 'resnet', 'export_torchvision', 'state_dict_mismatch', 'torchvision_resnet']
+__all__ = ['LAYOUTS', 'TORCHVISION_ARCHS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'conv3x3', 'conv1x1', 'batch_norm', 'shortcut',
+           'BasicBlock', 'Bottleneck', 'scaled', 'check_encoder_args', 'make_stage', 'make_stem', 'same_pads',
+           'SameConv2d', 'SameMaxPool2d', 'same_padding', 'init_weights', 'check_images', 'ResNet', 'resnet',
+           'export_torchvision', 'state_dict_mismatch', 'torchvision_resnet']
 
 # %% ../nbs/04_encoder.ipynb #6c6c813d
 def conv3x3(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
@@ -78,14 +80,14 @@ class Bottleneck(nn.Module):
         return self.relu(out + (x if self.downsample is None else self.downsample(x)))
 
 # %% ../nbs/04_encoder.ipynb #4f2e940f
-ARCHS: dict[str, tuple[type, tuple[int, int, int, int]]] = {
-    "resnet18": (BasicBlock, (2, 2, 2, 2)),
-    "resnet34": (BasicBlock, (3, 4, 6, 3)),
-    "resnet50": (Bottleneck, (3, 4, 6, 3)),
-    "resnet101": (Bottleneck, (3, 4, 23, 3)),
-    "resnet152": (Bottleneck, (3, 8, 36, 3)),
-    "resnet200": (Bottleneck, (3, 24, 36, 3)),  # BYOL / ReLICv2's largest; not in torchvision
-}
+LAYOUTS: dict[str, tuple[type, tuple[int, int, int, int]]] = dict(zip(ARCHS, (  # arch -> block, blocks per stage, in ARCHS' order
+    (BasicBlock, (2, 2, 2, 2)),  # resnet18
+    (BasicBlock, (3, 4, 6, 3)),  # resnet34
+    (Bottleneck, (3, 4, 6, 3)),  # resnet50
+    (Bottleneck, (3, 4, 23, 3)),  # resnet101
+    (Bottleneck, (3, 8, 36, 3)),  # resnet152
+    (Bottleneck, (3, 24, 36, 3)),  # resnet200: BYOL / ReLICv2's largest; not in torchvision
+), strict=True))
 TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # [B] BYOL normalises with these inside the forward
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -93,9 +95,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def scaled(channels: int, width: float) -> int:
     "`channels * width`, rounded, at least 1."
     return max(1, int(round(channels * width)))
-
-PADDINGS = ("torch", "same")  # symmetric padding, or TensorFlow/Haiku's 'SAME'
-SHORTCUTS = ("when_needed", "every_stage")  # projection where the shape changes, or on every stage's first block
 
 def check_encoder_args(arch: str, width: float, padding: str = "torch", shortcut: str = "when_needed"):
     "Raise a ValueError naming the argument and the allowed values."
@@ -184,7 +183,7 @@ class ResNet(nn.Module):
         self.padding, self.shortcut = padding, shortcut
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-        block, depths = ARCHS[arch]
+        block, depths = LAYOUTS[arch]
         c = scaled(64, width)
         self.conv1, self.maxpool = make_stem(c, small_stem)
         self.bn1, self.relu = batch_norm(c), nn.ReLU(inplace=True)
@@ -238,7 +237,7 @@ def export_torchvision(encoder: ResNet) -> dict[str, Tensor]:
         raise ValueError(f"encoder.width must be 1 for torchvision (its wide_resnet widens differently); got {encoder.width}")
     if encoder.small_stem:
         raise ValueError("encoder.small_stem must be False for torchvision (it only has the 7x7/2 stem); got True")
-    if encoder.shortcut == "every_stage" and ARCHS[encoder.arch][0] is BasicBlock:
+    if encoder.shortcut == "every_stage" and LAYOUTS[encoder.arch][0] is BasicBlock:
         raise ValueError("encoder.shortcut must be 'when_needed' for torchvision's resnet18/34 (every_stage adds "
                          "layer1.0.downsample); got 'every_stage': use torchvision_resnet(..., shortcut='every_stage')")
     return {k: v.detach().clone().contiguous() for k, v in encoder.state_dict().items()}
@@ -266,7 +265,7 @@ def torchvision_resnet(arch: str = "resnet50",  # one of ARCHS (resnet200 includ
     "A `torchvision.models.resnet.ResNet` (fc = Identity) shaped like `resnet(arch, width, small_stem, ...)`."
     import torchvision.models.resnet as tvr
     check_encoder_args(arch, width, padding, shortcut)
-    block, depths = ARCHS[arch]
+    block, depths = LAYOUTS[arch]
     tv = tvr.ResNet(tvr.BasicBlock if block is BasicBlock else tvr.Bottleneck, list(depths))
     tv.fc = nn.Identity()
     with torch.device("meta"): ref = resnet(arch, width, small_stem, shortcut=shortcut)

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from . import data as _data  # module attributes, looked up when called
 from .items import TensorImages, collate
 from .data import dataset_splits, from_config as dataset_from_config
+from .config import LINEAR_SOLVERS, PROTOCOLS
 from .distributed import gather_shares, loader_workers, local_batchnorm, share
 from .probes import _check_int, _device_of, _hits, _percent, _rank, _to_input, extract_features
 from .probes import LBFGS_DECAYS, knn_classify, lbfgs_probe, linear_probe
@@ -22,9 +23,37 @@ from .official_eval import CentreCrops, augmented_linear_eval
 from .progress import ProgressArg, announce, track
 
 # %% auto #0
-__all__ = ['PIXEL_BUDGET', 'BASELINES', 'MONITOR_SEED', 'evaluate', 'format_table', 'held_out_splits', 'evaluate_from_config',
-           'PixelEncoder', 'initial_encoder', 'baseline_encoder', 'within_budget', 'table_notes', 'recalibrate_bn',
-           'monitor_subsets', 'Monitor']
+__all__ = ['PIXEL_BUDGET', 'BASELINES', 'MONITOR_SEED', 'balanced_accuracy', 'split_summary', 'evaluate', 'format_table',
+           'held_out_splits', 'resolve_splits', 'evaluate_from_config', 'check_eval_splits', 'PixelEncoder',
+           'initial_encoder', 'baseline_encoder', 'within_budget', 'table_notes', 'recalibrate_bn', 'monitor_subsets',
+           'Monitor']
+
+# %% ../nbs/10_eval.ipynb #2ef50bca
+def _right(pred: Tensor, y: Tensor, n_classes: int) -> Tensor:
+    "(n_classes,) items of each class predicted right, on the labels' device (integers, nothing read back)."
+    return torch.bincount(torch.where(pred.to(y.device) == y, y, n_classes), minlength=n_classes + 1)[:n_classes]
+
+def _balanced(right: list, total: list) -> float:
+    return 100.0 * sum(r / t for r, t in zip(right, total) if t) / sum(1 for t in total if t)
+
+def balanced_accuracy(pred: Tensor,  # (M,) predicted classes
+                      y: Tensor,  # (M,) true classes
+                     ) -> float:  # percent
+    "The mean over the classes present in `y` of the share of their items predicted right (%)."
+    C = int(y.max()) + 1
+    return _balanced(_right(pred, y, C).tolist(), torch.bincount(y, minlength=C).tolist())
+
+def split_summary(knn_pred: Tensor, linear_pred: Tensor,  # (M,) each read-out's predicted classes
+                  y: Tensor,  # (M,) the split's classes
+                  train_y: Tensor,  # (N,) the training classes (its most frequent is the majority answer)
+                  n_classes: int,  # classes of the training set
+                 ) -> dict:  # knn_balanced, linear_balanced, majority_top1 (%), class_counts
+    "A split's balanced accuracies, the accuracy of always answering the most frequent training class, and its images per class."
+    C, major = n_classes, torch.bincount(train_y.to(y.device), minlength=n_classes).argmax()  # on the device: one read below
+    counts = torch.cat([torch.bincount(y, minlength=C), _right(knn_pred, y, C), _right(linear_pred, y, C), (y == major).sum().view(1)]).tolist()
+    total, knn, linear = counts[:C], counts[C:2 * C], counts[2 * C:3 * C]
+    return dict(knn_balanced=_balanced(knn, total), linear_balanced=_balanced(linear, total),
+                majority_top1=100.0 * counts[-1] / max(1, len(y)), class_counts=total)
 
 # %% ../nbs/10_eval.ipynb #01843522
 def evaluate(encoder: nn.Module,  # the frozen encoder (the online one), images in [0, 1] -> (B, D)
@@ -49,7 +78,7 @@ def evaluate(encoder: nn.Module,  # the frozen encoder (the online one), images 
             ) -> dict[str, dict]:  # {split: {knn_top1, knn_top5, linear_top1, linear_top5[, note]}} in percent
     "kNN and linear-probe accuracy of a frozen encoder on each test split, features computed once per split on its device."
     if not isinstance(test_sets, dict) or not test_sets: raise ValueError(f"test_sets must be a non-empty dict {{name: Dataset}}, got {type(test_sets).__name__}")
-    if linear_solver not in ("sgd", "lbfgs"): raise ValueError(f"eval.linear_solver must be one of 'sgd', 'lbfgs', got {linear_solver!r}")
+    if linear_solver not in LINEAR_SOLVERS: raise ValueError(f"eval.linear_solver must be one of {', '.join(map(repr, LINEAR_SOLVERS))}, got {linear_solver!r}")
     kw = dict(image_size=image_size, batch_size=batch_size, device=device, num_workers=num_workers, progress=progress, keep_on_device=True)
     if bn_recalibrate: encoder = recalibrate_bn(encoder, train_set, bn_recalibrate, image_size=image_size, batch_size=batch_size, device=device)
     classes = getattr(train_set, "classes", None)
@@ -75,6 +104,7 @@ def evaluate(encoder: nn.Module,  # the frozen encoder (the online one), images 
         top5 = n_classes > 5  # with 5 classes or fewer, top-5 is 100% whatever the encoder: reported as None
         results[split] = dict(knn_top1=knn["top1"], knn_top5=knn["top5"] if top5 else None,
                              linear_top1=_percent(_hits(order, y, 1)), linear_top5=_percent(_hits(order, y, 5)) if top5 else None,
+                             **split_summary(knn["predictions"], order[:, 0], y, train_y, n_classes),  # the honest floor (below)
                              **({"note": note} if note else {}))  # said in eval.json, and under the printed table (`table_notes`)
     return results
 
@@ -115,6 +145,24 @@ def held_out_splits(dataset: str,  # a `data.dataset` name
     val = tuple(s for s in others if not s.startswith("test"))
     return (val, False) if val else (tuple(others), True)
 
+def resolve_splits(dataset: str,  # a `data.dataset` name
+                   splits: Optional[tuple] = None,  # the splits asked for; None: `held_out_splits`
+                   name: str = "encoder", progress: ProgressArg = False,  # who says that test splits are read for want of validation ones
+                  ) -> tuple[str, ...]:  # the held-out splits to read, checked
+    "The held-out splits an evaluation of `dataset` reads, or `ValueError` naming those it has."
+    available = dataset_splits(dataset)
+    if "train" not in available: raise ValueError(f"data.dataset {dataset!r} has no 'train' split (splits: {', '.join(available) or 'none'})")
+    held = [s for s in available if s != "train"]
+    if not held: raise ValueError(f"data.dataset {dataset!r} has no split but train, so nothing held out to evaluate on; "
+                                  "give a labelled dataset that has one with --set data.dataset=...")
+    if splits is None:
+        splits, are_test = held_out_splits(dataset)
+        if are_test: announce(f"{name}: {dataset.partition(':')[0]} has no validation split; reading {', '.join(splits)}", progress)
+    splits = tuple(splits)
+    if not splits or any(s not in held for s in splits):
+        raise ValueError(f"splits must be a non-empty subset of {', '.join(held)} (the held-out splits of {dataset!r}), got {splits!r}")
+    return splits
+
 def evaluate_from_config(encoder: nn.Module,  # the frozen encoder
                          cfg,  # a `relicv2.config.RunConfig`
                          *,
@@ -126,16 +174,9 @@ def evaluate_from_config(encoder: nn.Module,  # the frozen encoder
                          **dataset_kw,  # extra constructor arguments for every split (e.g. cache_dir=)
                         ) -> dict[str, dict]:  # {split: {knn_top1, knn_top5, linear_top1, linear_top5}}; augmented: linear only
     "`evaluate` (or, with eval.protocol 'augmented', `augmented_linear_eval`) with the datasets, image size and settings of a run config."
-    available = dataset_splits(cfg.data.dataset)
-    if "train" not in available: raise ValueError(f"data.dataset {cfg.data.dataset!r} has no 'train' split (splits: {', '.join(available) or 'none'})")
-    if splits is None:
-        splits, are_test = held_out_splits(cfg.data.dataset)
-        if are_test: announce(f"{name}: {cfg.data.dataset.partition(':')[0]} has no validation split; reading {', '.join(splits)}", progress)
-    splits = tuple(splits)
-    if not splits or any(s not in available for s in splits):
-        raise ValueError(f"splits must be a non-empty subset of {', '.join(s for s in available if s != 'train')}, got {splits!r}")
+    splits = resolve_splits(cfg.data.dataset, splits, name, progress)
     e, workers = cfg.eval, loader_workers(cfg.data, _device_of(encoder, device))[0]  # on a GPU: at least data.gpu_workers
-    if e.protocol not in ("features", "augmented"): raise ValueError(f"eval.protocol must be one of 'features', 'augmented', got {e.protocol!r}")
+    if e.protocol not in PROTOCOLS: raise ValueError(f"eval.protocol must be one of {', '.join(map(repr, PROTOCOLS))}, got {e.protocol!r}")
     if e.protocol == "augmented":  # the images at their own size: the crops are taken from the whole of each
         if e.linear_solver != "sgd": raise ValueError(f"eval.protocol 'augmented' trains its probe by SGD: set eval.linear_solver=sgd (got {e.linear_solver!r})")
         def split_set(s): return dataset_from_config(cfg.data, s, masks=False, image_size=None, **dataset_kw)
@@ -153,6 +194,29 @@ def evaluate_from_config(encoder: nn.Module,  # the frozen encoder
                     linear_solver=e.linear_solver, bn_recalibrate=e.bn_recalibrate, num_workers=workers,
                     max_feature_bytes=getattr(encoder, "max_feature_bytes", None),  # raw pixels have a budget (below)
                     seed=cfg.train.seed, device=device, progress=progress, name=name)
+
+# %% ../nbs/10_eval.ipynb #5b3275ea
+def check_eval_splits(cfg,  # a `relicv2.config.RunConfig`
+                      splits: Optional[tuple] = None,  # the splits the evaluation will read; None: `held_out_splits`
+                     ) -> dict[str, list[int]]:  # {split: images per training class}
+    "Read every split an evaluation will read, before any training: unknown classes refused, missing classes warned about by name."
+    import warnings
+    train = dataset_from_config(cfg.data, "train", masks=False)
+    names = list(getattr(train, "classes", None) or [])
+    n = max(len(names), int(_data.item_labels(train).max()) + 1)
+    splits, counts = resolve_splits(cfg.data.dataset, splits), {}
+    for s in splits:
+        y = _data.item_labels(dataset_from_config(cfg.data, s, masks=False))  # a class folder unknown to train: refused here
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= n):
+            raise ValueError(f"split {s!r} of data.dataset {cfg.data.dataset!r} has labels outside the {n} training classes "
+                             f"(0..{n - 1}), got {int(y.min())}..{int(y.max())}")
+        counts[s] = torch.bincount(y, minlength=n).tolist()
+        missing = [names[c] if names else str(c) for c, k in enumerate(counts[s]) if k == 0]
+        if missing:
+            warnings.warn(f"split {s!r} has no image of {len(missing)} of the {n} training classes ({', '.join(missing[:10])}"
+                          f"{', ...' if len(missing) > 10 else ''}): its accuracies are over the classes it has; read them "
+                          "beside its majority-class and balanced accuracies")
+    return counts
 
 # %% ../nbs/10_eval.ipynb #cb282a23
 PIXEL_BUDGET = 4 * 2**30  # float32 bytes of raw-pixel features (all splits together) above which that baseline is drawn down

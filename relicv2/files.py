@@ -51,7 +51,10 @@ def read_file(path: str | Path,  # a `.yaml`, `.yml` or `.json` file holding a m
     "The mapping in a YAML or JSON file ({} if empty); `ConfigError` naming the file if it cannot be one."
     path = Path(path)
     if not path.is_file(): raise ConfigError(f"config file {str(path)!r} does not exist")
-    text = path.read_text(encoding="utf-8")
+    try: text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                          "save it as UTF-8") from None
     if path.suffix.lower() in (".yaml", ".yml"):
         import yaml
         try: data = yaml.safe_load(text)

@@ -5,47 +5,29 @@
 # %% ../nbs/05_loss.ipynb #22d538a6
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import asdict, dataclass, replace
 from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import KL_DIRECTIONS, OBJECTIVES, LossConfig, RunConfig, update
+
 # %% auto #0
-__all__ = ['KL_DIRECTIONS', 'KL_CONSTRUCTIONS', 'OBJECTIVES', 'LossParams', 'prepare', 'contrast_indices', 'anchored_log_probs',
-           'contrast_log_probs', 'kl_invariance', 'pair_loss', 'view_pairs', 'mean_over_pairs', 'relicv2_loss',
-           'relic_v1_loss', 'byol_pair_loss', 'simclr_pair_loss', 'simclr_loss', 'view_loss', 'ReLICv2Loss']
+__all__ = ['VIEW_OBJECTIVES', 'loss_config', 'prepare', 'contrast_indices', 'anchored_log_probs', 'kl_invariance', 'anchor_rows',
+           'pair_loss', 'view_pairs', 'mean_over_pairs', 'relic_v1_loss', 'byol_pair_loss', 'simclr_pair_loss',
+           'ReLICv2Loss']
 
 # %% ../nbs/05_loss.ipynb #a17f1740
-KL_DIRECTIONS = ("online_to_target", "target_to_online", "symmetric")
-KL_CONSTRUCTIONS = ("anchor_swap", "relic_v1")
-OBJECTIVES = ("relicv2", "infonce", "byol", "simclr")
-
-def _choice(name: str, value, allowed: tuple) -> None:
-    if value not in allowed: raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
-
-@dataclass(frozen=True)
-class LossParams:
-    "The loss's knobs and their defaults; `ValueError` naming the first bad one and its allowed values when made."
-    tau: float = 0.2  # temperature of the similarity softmax, > 0 [R, verify]
-    alpha: float = 1.0  # weight of the invariance term, >= 0 [R, verify]
-    n_negatives: Optional[int] = 10  # negatives per anchor, an int >= 1 (at most N-1 for a batch of N); None: all others [R]
-    beta: float = 1.0  # weight of the negatives in the denominator, > 0; 1.0 = off [R]
-    kl_direction: str = "online_to_target"  # one of `KL_DIRECTIONS` [R]
-    kl_construction: str = "anchor_swap"  # one of `KL_CONSTRUCTIONS`: ReLICv2's anchor swap or ReLIC's view swap [R]
-
-    def __post_init__(self):
-        num = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)
-        if not num(self.tau) or not self.tau > 0: raise ValueError(f"tau must be a number > 0, got {self.tau!r}")
-        if not num(self.alpha) or not self.alpha >= 0: raise ValueError(f"alpha must be a number >= 0, got {self.alpha!r}")
-        if not num(self.beta) or not self.beta > 0: raise ValueError(f"beta must be a number > 0, got {self.beta!r}")
-        _choice("kl_direction", self.kl_direction, KL_DIRECTIONS)
-        n = self.n_negatives
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-            raise ValueError(f"n_negatives must be None (all other images) or an int >= 1, got {n!r}")
-        _choice("kl_construction", self.kl_construction, KL_CONSTRUCTIONS)
+def loss_config(cfg: Optional[LossConfig] = None,  # the `loss` section of a run config (default: `LossConfig()`, the paper's)
+                **overrides,  # `LossConfig` fields to change, e.g. `tau=0.1`
+               ) -> LossConfig:
+    "A checked copy of `cfg` with `overrides`: every field's type and range by the run config's rules, else `ConfigError`."
+    if cfg is not None and not isinstance(cfg, LossConfig):
+        raise TypeError(f"cfg must be a LossConfig or None, got {type(cfg).__name__}")
+    return update(RunConfig(), {"loss": {**dataclasses.asdict(cfg or LossConfig()), **overrides}}).loss
 
 # %% ../nbs/05_loss.ipynb #f935bfae
 def _check_pair(o: Tensor, t: Tensor) -> None:
@@ -65,7 +47,7 @@ def prepare(o: Tensor,  # (N, D) online predictor outputs
 # %% ../nbs/05_loss.ipynb #a837c2b1
 def contrast_indices(n: int,  # N, the number of images (rows of o and t)
                      anchors: Tensor,  # (A,) long, rows for which the loss is computed
-                     n_negatives: Optional[int] = LossParams.n_negatives,  # negatives per anchor, 1..N-1; None = all N-1 others
+                     n_negatives: Optional[int],  # negatives per anchor, 1..N-1; None = all N-1 others (`LossConfig.n_negatives`)
                      generator: Optional[torch.Generator] = None,  # for reproducible draws (on any device)
                     ) -> Tensor:  # (A, 1 + n_e) long: column 0 = the anchor, then its negatives
     "Per anchor: itself, then `n_negatives` distinct other images drawn uniformly without replacement."
@@ -83,27 +65,18 @@ def contrast_indices(n: int,  # N, the number of images (rows of o and t)
 def anchored_log_probs(a: Tensor,  # (N, D) the anchors' side, L2-normalised
                        b: Tensor,  # (N, D) the side the anchors look at, L2-normalised
                        idx: Tensor,  # (A, 1 + n_e) contrast set per anchor, column 0 = the anchor
-                       tau: float = LossParams.tau,  # temperature
-                       beta: float = LossParams.beta,  # weight of the negatives in the normaliser
+                       tau: float,  # temperature (`LossConfig.tau`)
+                       beta: float,  # weight of the negatives in the normaliser (`LossConfig.beta`)
                       ) -> Tensor:  # (A, 1 + n_e) log softmax_k(phi(a_i, b_k) / tau), negatives weighted by beta
     "One distribution over the contrast set: how anchor row a_i spreads its similarity over the rows b_k."
     log_w = torch.zeros(idx.shape[1], dtype=a.dtype, device=a.device)
     log_w[1:] = math.log(beta)
     return ((a[idx[:, 0]] @ b.T).gather(1, idx) / tau + log_w).log_softmax(dim=1)
 
-def contrast_log_probs(o: Tensor,  # (N, D) online outputs, L2-normalised
-                       t: Tensor,  # (N, D) target outputs, L2-normalised and detached
-                       idx: Tensor,  # (A, 1 + n_e) contrast set per anchor, column 0 = the anchor
-                       tau: float = LossParams.tau,  # temperature
-                       beta: float = LossParams.beta,  # weight of the negatives in the normaliser
-                      ) -> tuple[Tensor, Tensor]:  # log p_o (A, 1 + n_e) and log p_t (A, 1 + n_e), no grad
-    "Log-softmax over each anchor's contrast set, anchored at the online view (p_o) and at the target view (p_t)."
-    return anchored_log_probs(o, t, idx, tau, beta), anchored_log_probs(t, o.detach(), idx, tau, beta)  # p_t: roles swapped
-
 # %% ../nbs/05_loss.ipynb #6ec5ed5f
 def kl_invariance(log_p_o: Tensor,  # (A, K) log p_o, differentiable
                   log_p_t: Tensor,  # (A, K) log p_t, treated as constant (stop-gradient)
-                  kl_direction: str = LossParams.kl_direction,  # one of `KL_DIRECTIONS`
+                  kl_direction: str,  # one of `KL_DIRECTIONS` (`LossConfig.kl_direction`)
                  ) -> Tensor:  # (A,) invariance per anchor
     "KL divergence between the online- and target-anchored distributions, stop-gradient on p_t."
     log_p_t = log_p_t.detach()
@@ -112,11 +85,14 @@ def kl_invariance(log_p_o: Tensor,  # (A, K) log p_o, differentiable
     if kl_direction == "online_to_target": return o_to_t
     if kl_direction == "target_to_online": return t_to_o
     if kl_direction == "symmetric": return (o_to_t + t_to_o) / 2
-    _choice("kl_direction", kl_direction, KL_DIRECTIONS)
+    raise ValueError(f"kl_direction must be one of {', '.join(map(repr, KL_DIRECTIONS))}, got {kl_direction!r}")
 
 # %% ../nbs/05_loss.ipynb #87555bc9
-def _check_anchors(anchors, n, device) -> Tensor:
-    "The (A,) long anchor rows, checked against N: None is every row; a `range` is checked on the host, a tensor by one read."
+def anchor_rows(anchors: Optional[Tensor | range],  # None (every row), a range (checked on the host) or an (A,) integer tensor
+                n: int,  # N, the rows of the batch
+                device,  # where the rows are
+               ) -> Tensor:  # (A,) long
+    "The anchor rows, checked against N: None is every row; a `range` is checked on the host, a tensor by one read of the device."
     if anchors is None: return torch.arange(n, device=device)
     if isinstance(anchors, range):  # the trainer's own rows: known on the host, so checking them costs the device nothing
         if len(anchors) == 0 or min(anchors[0], anchors[-1]) < 0 or max(anchors[0], anchors[-1]) >= n:
@@ -129,47 +105,37 @@ def _check_anchors(anchors, n, device) -> Tensor:
     if lo < 0 or hi >= n: raise ValueError(f"anchors must be row indices in [0, {n - 1}] for this batch of N={n}")
     return anchors.long()
 
-def _anchors_once(views: Sequence[Tensor], anchors) -> Optional[Tensor]:
-    "A multi-pair loss's anchors, checked once against its first view's rows (a bad view is left to its pair's own check)."
-    x = views[0]
-    if not isinstance(x, Tensor) or x.ndim != 2: return anchors
-    return _check_anchors(anchors, x.shape[0], x.device)
+def _rows(anchors, n: int, device) -> Tensor:
+    "A pair's anchors: a tensor is trusted (its caller checked it with `anchor_rows`); None or a range is checked on the host."
+    return anchors if isinstance(anchors, Tensor) else anchor_rows(anchors, n, device)
 
 def _check_batch(n: int, n_negatives: Optional[int]) -> None:
     if n < 2: raise ValueError(f"o and t need at least 2 rows (images) so that there is a negative, got N={n}")
     if n_negatives is not None and n_negatives > n - 1:
         raise ValueError(f"n_negatives must be None or an int in [1, {n - 1}] for this batch of N={n}, got {n_negatives}")
 
-def _detached(terms: dict) -> dict:
-    return {k: v.detach() for k, v in terms.items()}
-
-def _pair_loss(o: Tensor, t: Tensor, p: LossParams, anchors: Tensor, generator: Optional[torch.Generator]):
-    "`pair_loss` with its knobs (in `p`) and anchors already checked, its terms with their graph: what the view grid calls for each pair."
-    _check_pair(o, t)
-    n = o.shape[0]
-    _check_batch(n, p.n_negatives)
-    with torch.autocast(o.device.type, enabled=False):  # float32 even under autocast
-        o, t = prepare(o, t)
-        idx = contrast_indices(n, anchors, p.n_negatives, generator)
-        log_p_o, log_p_t = contrast_log_probs(o, t, idx, p.tau, p.beta)
-        contrastive = -log_p_o[:, 0]  # the positive is column 0
-        invariance = kl_invariance(log_p_o, log_p_t, p.kl_direction)
-        loss = (contrastive + p.alpha * invariance).mean()
-    return loss, {"contrastive": contrastive.mean(), "invariance": invariance.mean()}  # detached by the public functions
-
 def pair_loss(o: Tensor,  # (N, D) online predictor outputs (normalised inside)
               t: Tensor,  # (N, D) target projections of the same N images (detached and normalised inside)
+              cfg: Optional[LossConfig] = None,  # the knobs, checked (`loss_config`); default `LossConfig()`
               *,
-              anchors: Optional[Tensor | range] = None,  # (A,) long rows to compute the loss for (a range: checked on the host); default all N
+              anchors: Optional[Tensor | range] = None,  # rows to compute the loss for: None = all N, a range, or a tensor from `anchor_rows`
               generator: Optional[torch.Generator] = None,  # RNG for the negatives (any device)
-              **params,  # `LossParams` fields: tau, alpha, n_negatives, beta, kl_direction
-             ) -> tuple[Tensor, dict[str, Tensor]]:  # mean loss over anchors, {'contrastive', 'invariance'} detached
+             ) -> tuple[Tensor, dict[str, Tensor]]:  # mean loss over anchors, {'contrastive', 'invariance'} with their graph
     "ReLICv2 loss of one (online view, target view) pair: InfoNCE over a sampled contrast set + alpha * KL invariance."
-    p = LossParams(**params)
+    c = cfg if cfg is not None else LossConfig()
     _check_pair(o, t)
-    loss, terms = _pair_loss(o, t, p, _check_anchors(anchors, o.shape[0], o.device), generator)
-    return loss, _detached(terms)
-
+    n = o.shape[0]
+    anchors = _rows(anchors, n, o.device)
+    _check_batch(n, c.n_negatives)
+    with torch.autocast(o.device.type, enabled=False):  # float32 even under autocast
+        o, t = prepare(o, t)
+        idx = contrast_indices(n, anchors, c.n_negatives, generator)
+        log_p_o = anchored_log_probs(o, t, idx, c.tau, c.beta)  # p_o: anchored at the online view
+        log_p_t = anchored_log_probs(t, o.detach(), idx, c.tau, c.beta)  # p_t: the roles swapped, no graph
+        contrastive = -log_p_o[:, 0]  # the positive is column 0
+        invariance = kl_invariance(log_p_o, log_p_t, c.kl_direction)
+        loss = (contrastive + c.alpha * invariance).mean()
+    return loss, {"contrastive": contrastive.mean(), "invariance": invariance.mean()}
 
 # %% ../nbs/05_loss.ipynb #48f41bbe
 def view_pairs(n_large: int,  # L, large views (seen by both networks)
@@ -205,172 +171,118 @@ def mean_over_pairs(pair_fn: Callable[[Tensor, Tensor], tuple[Tensor, dict]],  #
         for k, v in tm.items(): terms[k] = terms.get(k, 0.0) + v
     return total / len(pairs), {k: v / len(pairs) for k, v in terms.items()}
 
-def _relicv2_loss(online_large, online_small, target_large, p: LossParams, anchors, generator):
-    _check_views(online_large, online_small, target_large)
-    anchors = _anchors_once(online_large, anchors)  # once for the (L + S) x L pairs, not once a pair
-    return mean_over_pairs(lambda o, t: _pair_loss(o, t, p, anchors, generator), online_large, online_small, target_large)
-
-def relicv2_loss(online_large: Sequence[Tensor],  # L tensors (N, D): online predictor outputs of the large views
-                 online_small: Sequence[Tensor],  # S tensors (N, D): online predictor outputs of the small views
-                 target_large: Sequence[Tensor],  # L tensors (N, D): target projections of the large views
-                 *,
-                 anchors: Optional[Tensor | range] = None,  # (A,) long rows to compute the loss for; default all N
-                 generator: Optional[torch.Generator] = None,  # RNG for the negatives
-                 **params,  # `LossParams` fields: tau, alpha, n_negatives, beta, kl_direction (checked once, for all pairs)
-                ) -> tuple[Tensor, dict[str, Tensor]]:  # loss, {'contrastive', 'invariance'} averaged over pairs
-    "ReLICv2 multi-crop loss: `pair_loss` summed over large x large (i == j included) and small x large, / (L+S)*L."
-    p = LossParams(**params)
-    if p.kl_construction != "anchor_swap":
-        raise ValueError(f"relicv2_loss is the 'anchor_swap' construction; for kl_construction={p.kl_construction!r} use view_loss")
-    loss, terms = _relicv2_loss(online_large, online_small, target_large, p, anchors, generator)
-    return loss, _detached(terms)
-
 
 # %% ../nbs/05_loss.ipynb #a14e57c4
-def _relic_v1_loss(online_large, online_small, target_large, p: LossParams, anchors, generator):
+def relic_v1_loss(online_large: Sequence[Tensor],  # L >= 2 tensors (N, D): online predictor outputs of the large views
+                  online_small: Sequence[Tensor],  # S tensors (N, D): online predictor outputs of the small views
+                  target_large: Sequence[Tensor],  # L tensors (N, D): target projections of the large views
+                  cfg: Optional[LossConfig] = None,  # the knobs, checked (`loss_config`); default `LossConfig()`
+                  *,
+                  anchors: Optional[Tensor | range] = None,  # rows to compute the loss for: None = all N, a range, or a tensor from `anchor_rows`
+                  generator: Optional[torch.Generator] = None,  # RNG for the negatives
+                 ) -> tuple[Tensor, dict[str, Tensor]]:  # loss, {'contrastive', 'invariance'} with their graph
     "The multi-crop loss with ReLIC's invariance: KL(p_ij || sg[p_ji]) between the two orderings of large views i != j."
+    c = cfg if cfg is not None else LossConfig()
     _check_views(online_large, online_small, target_large)
     n_large, online = len(online_large), list(online_large) + list(online_small)
     if n_large < 2: raise ValueError(f"kl_construction 'relic_v1' needs at least 2 large views (a pair in both orders), got L={n_large}")
     for i, x in enumerate(online): _check_pair(x, target_large[i % n_large])
     n = online[0].shape[0]
-    _check_batch(n, p.n_negatives)
-    anchors = _check_anchors(anchors, n, online[0].device)
+    _check_batch(n, c.n_negatives)
+    anchors = _rows(anchors, n, online[0].device)
     log_p, shared = {}, {}
     with torch.autocast(online[0].device.type, enabled=False):
         for i, j in view_pairs(n_large, len(online_small)):
             o, t = prepare(online[i], target_large[j])
             key = (min(i, j), max(i, j)) if i < n_large and i != j else (i, j)  # the two orderings share negatives
-            if key not in shared: shared[key] = contrast_indices(n, anchors, p.n_negatives, generator)
-            log_p[i, j] = anchored_log_probs(o, t, shared[key], p.tau, p.beta)
+            if key not in shared: shared[key] = contrast_indices(n, anchors, c.n_negatives, generator)
+            log_p[i, j] = anchored_log_probs(o, t, shared[key], c.tau, c.beta)
         contrastive = torch.stack([-lp[:, 0].mean() for lp in log_p.values()]).mean()
-        invariance = torch.stack([kl_invariance(log_p[i, j], log_p[j, i], p.kl_direction).mean()
+        invariance = torch.stack([kl_invariance(log_p[i, j], log_p[j, i], c.kl_direction).mean()
                                   for i in range(n_large) for j in range(n_large) if i != j]).mean()
-    return contrastive + p.alpha * invariance, {"contrastive": contrastive, "invariance": invariance}  # detached by the callers
-
-def relic_v1_loss(online_large: Sequence[Tensor],  # L >= 2 tensors (N, D): online predictor outputs of the large views
-                  online_small: Sequence[Tensor],  # S tensors (N, D): online predictor outputs of the small views
-                  target_large: Sequence[Tensor],  # L tensors (N, D): target projections of the large views
-                  *,
-                  anchors: Optional[Tensor | range] = None,  # (A,) long rows to compute the loss for; default all N
-                  generator: Optional[torch.Generator] = None,  # RNG for the negatives
-                  **params,  # `LossParams` fields: tau, alpha, n_negatives, beta, kl_direction
-                 ) -> tuple[Tensor, dict[str, Tensor]]:  # loss, {'contrastive', 'invariance'} detached
-    "The multi-crop loss with ReLIC's invariance: KL(p_ij || sg[p_ji]) between the two orderings of large views i != j."
-    loss, terms = _relic_v1_loss(online_large, online_small, target_large, LossParams(**params), anchors, generator)
-    return loss, _detached(terms)
+    return contrastive + c.alpha * invariance, {"contrastive": contrastive, "invariance": invariance}
 
 # %% ../nbs/05_loss.ipynb #61fc43d9
 def byol_pair_loss(o: Tensor,  # (N, D) online predictor outputs
                    t: Tensor,  # (N, D) target projections of the same images
                    *,
-                   anchors: Optional[Tensor | range] = None,  # (A,) long rows to average over; default all
-                  ) -> tuple[Tensor, dict[str, Tensor]]:  # mean loss over anchors, {'byol'} detached
+                   anchors: Optional[Tensor | range] = None,  # rows to average over: None = all N, a range, or a tensor from `anchor_rows`
+                  ) -> tuple[Tensor, dict[str, Tensor]]:  # mean loss over anchors, {'byol'} with its graph
     "BYOL's normalised MSE, 2 - 2 cos(o_i, t_i), averaged over anchors; no negatives."
     _check_pair(o, t)
-    return _byol_pair_loss(o, t, _check_anchors(anchors, o.shape[0], o.device))
-
-def _byol_pair_loss(o: Tensor, t: Tensor, anchors: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-    "`byol_pair_loss` with its anchors already checked."
-    _check_pair(o, t)
+    anchors = _rows(anchors, o.shape[0], o.device)
     with torch.autocast(o.device.type, enabled=False):
         o, t = prepare(o, t)
         loss = (2 - 2 * (o[anchors] * t[anchors]).sum(1)).mean()
-    return loss, {"byol": loss.detach()}
+    return loss, {"byol": loss}
 
 # %% ../nbs/05_loss.ipynb #5c1a0002
 def _unit(x: Tensor) -> Tensor:
     "Rows L2-normalised, in at least float32, keeping their gradient (both sides of SimCLR's similarities are online)."
     return F.normalize(x.to(torch.promote_types(x.dtype, torch.float32)), dim=-1)
 
-def _simclr_pair_loss(a: Tensor, b: Tensor, p: LossParams, anchors: Tensor, generator: Optional[torch.Generator]):
-    _check_pair(a, b)
-    n = a.shape[0]
-    _check_batch(n, p.n_negatives)
-    with torch.autocast(a.device.type, enabled=False):  # float32 even under autocast
-        idx = contrast_indices(n, anchors, p.n_negatives, generator)
-        loss = -anchored_log_probs(_unit(a), _unit(b), idx, p.tau, p.beta)[:, 0].mean()  # the positive is column 0
-    return loss, {"simclr": loss.detach()}
-
 def simclr_pair_loss(a: Tensor,  # (N, D) online projections of one view: the anchors' side
                      b: Tensor,  # (N, D) online projections of another view of the same N images: positives and negatives
+                     cfg: Optional[LossConfig] = None,  # the knobs, checked (`loss_config`): tau, n_negatives, beta play a part
                      *,
-                     anchors: Optional[Tensor | range] = None,  # (A,) long rows to compute the loss for; default all N
+                     anchors: Optional[Tensor | range] = None,  # rows to compute the loss for: None = all N, a range, or a tensor from `anchor_rows`
                      generator: Optional[torch.Generator] = None,  # RNG for the negatives
-                     **params,  # `LossParams` fields: tau, n_negatives, beta (alpha and the KL fields play no part)
-                    ) -> tuple[Tensor, dict[str, Tensor]]:  # mean loss over anchors, {'simclr'} detached
+                    ) -> tuple[Tensor, dict[str, Tensor]]:  # mean loss over anchors, {'simclr'} with its graph
     "SimCLR's loss of one ordered pair of views: InfoNCE of a_i against the rows of b, with gradient through both."
-    p = LossParams(**params)
+    c = cfg if cfg is not None else LossConfig()
     _check_pair(a, b)
-    return _simclr_pair_loss(a, b, p, _check_anchors(anchors, a.shape[0], a.device), generator)
-
-def _simclr_loss(online_large, online_small, p: LossParams, anchors, generator):
-    _check_views(online_large, online_small, online_large)
-    anchors = _anchors_once(online_large, anchors)
-    return mean_over_pairs(lambda a, b: _simclr_pair_loss(a, b, p, anchors, generator), online_large, online_small,
-                           online_large, include_same=False)  # the large views' online outputs are the keys
-
-def simclr_loss(online_large: Sequence[Tensor],  # L tensors (N, D): online projections of the large views
-                online_small: Sequence[Tensor],  # S tensors (N, D): online projections of the small views
-                *,
-                anchors: Optional[Tensor | range] = None,  # (A,) long rows to compute the loss for; default all N
-                generator: Optional[torch.Generator] = None,  # RNG for the negatives
-                **params,  # `LossParams` fields: tau, n_negatives, beta
-               ) -> tuple[Tensor, dict[str, Tensor]]:  # loss, {'simclr'} averaged over pairs
-    "SimCLR multi-crop loss: `simclr_pair_loss` averaged over large x large (i != j) and small x large."
-    return _simclr_loss(online_large, online_small, LossParams(**params), anchors, generator)
-
+    n = a.shape[0]
+    anchors = _rows(anchors, n, a.device)
+    _check_batch(n, c.n_negatives)
+    with torch.autocast(a.device.type, enabled=False):  # float32 even under autocast
+        idx = contrast_indices(n, anchors, c.n_negatives, generator)
+        loss = -anchored_log_probs(_unit(a), _unit(b), idx, c.tau, c.beta)[:, 0].mean()  # the positive is column 0
+    return loss, {"simclr": loss}
 
 # %% ../nbs/05_loss.ipynb #5ee93aec
-def _view_loss(objective: str, p: LossParams, online_large, online_small, target_large, anchors, generator):
-    _choice("objective", objective, OBJECTIVES)
-    if objective == "simclr":
-        if target_large is not None: raise ValueError("objective 'simclr' compares online views with each other: target_large must be None")
-        return _simclr_loss(online_large, online_small, p, anchors, generator)
-    if target_large is None: raise ValueError(f"objective {objective!r} needs target_large, the target outputs of the L large views")
-    if objective == "byol":
-        _check_views(online_large, online_small, target_large)
-        anchors = _anchors_once(online_large, anchors)
-        return mean_over_pairs(lambda o, t: _byol_pair_loss(o, t, anchors), online_large, online_small, target_large,
-                               include_same=False)
-    if objective == "infonce": p = replace(p, alpha=0.0)  # the same loss without its invariance term
-    loss_fn = _relic_v1_loss if p.kl_construction == "relic_v1" else _relicv2_loss
-    return loss_fn(online_large, online_small, target_large, p, anchors, generator)
-
-def view_loss(objective: str,  # `relicv2`, `infonce` (alpha = 0), `byol` or `simclr`
-              online_large: Sequence[Tensor],  # L tensors (N, D): online outputs of the large views
-              online_small: Sequence[Tensor],  # S tensors (N, D): online outputs of the small views
-              target_large: Optional[Sequence[Tensor]],  # L tensors (N, D): target outputs of the large views; None for simclr
-              *,
-              anchors: Optional[Tensor | range] = None,  # (A,) long rows of the (gathered) batch owned by this process
-              generator: Optional[torch.Generator] = None,  # RNG for the negatives
-              **params,  # `LossParams` fields (checked even for byol: a bad config is bad)
-             ) -> tuple[Tensor, dict[str, Tensor]]:  # loss, averaged terms
-    "The multi-crop loss of the chosen objective, averaged over its view pairs."
-    _choice("objective", objective, OBJECTIVES)
-    loss, terms = _view_loss(objective, LossParams(**params), online_large, online_small, target_large, anchors, generator)
-    return loss, _detached(terms)
+VIEW_OBJECTIVES = tuple(o for o in OBJECTIVES if o != "supervised")  # the objectives that are a loss of views
 
 class ReLICv2Loss(nn.Module):
     "The configured multi-crop objective as a module: `loss, terms = crit(online_large, online_small, target_large)` (None for simclr)."
-    def __init__(self, objective: str = "relicv2",  # one of `OBJECTIVES`
-                 **params,  # `LossParams` fields; checked here, once
+    def __init__(self,
+                 cfg: Optional[LossConfig] = None,  # the knobs (default: `LossConfig()`, the paper's)
+                 **overrides,  # `LossConfig` fields to change, e.g. `tau=0.1`
                 ):
         super().__init__()
-        _choice("objective", objective, OBJECTIVES)
-        self.objective, self.params = objective, LossParams(**params)
-
-    @classmethod
-    def from_config(cls, cfg) -> "ReLICv2Loss":
-        "Build from a `LossConfig` (its objective and the `LossParams` fields)."
-        return cls(cfg.objective, **{f: getattr(cfg, f) for f in LossParams.__dataclass_fields__})
+        self.cfg = loss_config(cfg, **overrides)  # a checked copy: every field's type and range, once
+        if self.cfg.objective not in VIEW_OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(map(repr, VIEW_OBJECTIVES))} for a loss of views, got "
+                             f"{self.cfg.objective!r} (the trainer's cross-entropy on labels, 09_train)")
 
     def forward(self, online_large: Sequence[Tensor], online_small: Sequence[Tensor], target_large: Optional[Sequence[Tensor]], *,
-                anchors: Optional[Tensor | range] = None, generator: Optional[torch.Generator] = None,
+                anchors: Optional[Tensor | range] = None,  # (A,) rows of the (gathered) batch owned by this process; default all
+                generator: Optional[torch.Generator] = None,  # RNG for the negatives
                 terms_graph: bool = False,  # True: the terms keep their graph (to differentiate each on its own); else detached
-               ) -> tuple[Tensor, dict[str, Tensor]]:
-        loss, terms = _view_loss(self.objective, self.params, online_large, online_small, target_large, anchors, generator)
-        return loss, terms if terms_graph else _detached(terms)
+               ) -> tuple[Tensor, dict[str, Tensor]]:  # loss, terms averaged over the pairs
+        c = self.cfg
+        if c.objective == "simclr":  # online views against online views: the large views' online outputs are the keys
+            if target_large is not None: raise ValueError("objective 'simclr' compares online views with each other: target_large must be None")
+            target_large = online_large
+        elif target_large is None: raise ValueError(f"objective {c.objective!r} needs target_large, the target outputs of the L large views")
+        _check_views(online_large, online_small, target_large)
+        x = online_large[0]
+        if isinstance(x, Tensor) and x.ndim == 2: anchors = anchor_rows(anchors, x.shape[0], x.device)  # once for the grid
+        if c.objective == "infonce": c = dataclasses.replace(c, alpha=0.0)  # the same loss without its invariance term
+        views = (online_large, online_small, target_large)
+        if c.objective == "byol":
+            loss, terms = mean_over_pairs(lambda o, t: byol_pair_loss(o, t, anchors=anchors), *views, include_same=False)
+        elif c.objective == "simclr":
+            loss, terms = mean_over_pairs(lambda a, b: simclr_pair_loss(a, b, c, anchors=anchors, generator=generator), *views,
+                                          include_same=False)
+        elif c.kl_construction == "relic_v1":  # its KL compares the two orderings of a pair: not a mean of pair losses
+            loss, terms = relic_v1_loss(*views, c, anchors=anchors, generator=generator)
+        else:  # relicv2 and infonce: ReLICv2's pair loss over the whole grid
+            loss, terms = mean_over_pairs(lambda o, t: pair_loss(o, t, c, anchors=anchors, generator=generator), *views)
+        return loss, terms if terms_graph else {k: v.detach() for k, v in terms.items()}
 
     def extra_repr(self) -> str:
-        return f"objective={self.objective!r}, " + ", ".join(f"{k}={v!r}" for k, v in asdict(self.params).items())
+        return ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(self.cfg).items())
+
+for _f in dataclasses.fields(LossConfig):  # crit.tau, crit.objective...: read-only, from `crit.cfg`
+    setattr(ReLICv2Loss, _f.name, property(lambda self, _n=_f.name: getattr(self.cfg, _n), doc=f"`cfg.{_f.name}`"))
+del _f

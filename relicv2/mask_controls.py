@@ -12,15 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .config import MASK_CONTROLS  # the data.masks values of this notebook, declared in the config
 from .saliency_metrics import iou_score
 
 # %% auto #0
-__all__ = ['CONTROL_SEED', 'CONTROLS', 'DEGRADE_CELLS', 'DEGRADE_REACH', 'parse_control', 'wrong_masks', 'boundary_distance',
-           'smooth_fields', 'degraded_masks', 'control_masks']
+__all__ = ['CONTROL_SEED', 'DEGRADE_CELLS', 'DEGRADE_REACH', 'parse_control', 'wrong_masks', 'boundary_distance', 'smooth_fields',
+           'degraded_masks', 'control_masks']
 
 # %% ../nbs/03d_mask_controls.ipynb #3d000007
 CONTROL_SEED = 0  # the controls' one seed: the same control masks for every run, whatever its train.seed
-CONTROLS = ("wrong", "degraded:IOU")  # the data.masks values of this notebook
 _STREAMS = {"wrong": 1, "degraded": 2}  # one stream of draws per control
 
 def parse_control(source: str) -> Optional[tuple[str, Optional[float]]]:
@@ -111,7 +111,7 @@ def control_masks(dataset,  # yields (image, mask (1, H, W) uint8 or None, label
                  ) -> tuple[list[Optional[Tensor]], dict]:  # a mask or None per image; {'iou', 'area_ratio'}: means over those with one
     "The control masks of a dataset's own masks, with their mean IoU and area ratio against the true ones."
     control, q = parse_control(source) or (None, None)
-    if control is None: raise ValueError(f"a mask control is one of {', '.join(CONTROLS)}, got {source!r}")
+    if control is None: raise ValueError(f"a mask control is one of {', '.join(MASK_CONTROLS)}, got {source!r}")
     own = [dataset[i][1] for i in range(len(dataset))]
     by_shape: dict[tuple, list[int]] = {}
     for i, m in enumerate(own):

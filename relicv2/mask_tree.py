@@ -28,7 +28,6 @@ from .saliency import binarize, clean_mask, resize
 from .saliency_metrics import format_table
 from .deepusps import METHODS, SaliencyUNet, _batches, masks_at_size, evaluate_folder, evaluate_methods
 from .deepusps import train_deepusps, save_deepusps, load_deepusps
-from .mask_controls import CONTROLS, control_masks, parse_control
 
 # %% auto #0
 __all__ = ['MANIFEST', 'LOG', 'list_images', 'check_folders', 'mask_path', 'save_png_atomic', 'write_masks',

@@ -11,11 +11,10 @@ from typing import Iterable, Literal
 import torch
 from torch import Tensor, nn
 
-from .config import OptimConfig
+from .config import OPTIMIZERS, OptimConfig  # the choice list is declared in the config (00_config)
 
 # %% auto #0
-__all__ = ['OPTIMIZERS', 'param_groups', 'LARS', 'lr_schedule', 'set_lr', 'build_optimizer', 'optimizer_from_config',
-           'lr_schedule_from_config']
+__all__ = ['param_groups', 'LARS', 'lr_schedule', 'set_lr', 'build_optimizer', 'optimizer_from_config', 'lr_schedule_from_config']
 
 # %% ../nbs/07_optim.ipynb #63164dc3
 _NORM_TYPES = tuple(t for t in (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", None)) if t)
@@ -139,10 +138,8 @@ def set_lr(optimizer: torch.optim.Optimizer,  # any optimiser; a group with an `
     for g in optimizer.param_groups: g["lr"] = lr * g.get("lr_scale", 1.0)
 
 # %% ../nbs/07_optim.ipynb #d8843e21
-OPTIMIZERS = ("lars", "sgd", "adamw")
-
 def build_optimizer(model: nn.Module | list[nn.Module],  # the trained network(s)
-                    name: Literal["lars", "sgd", "adamw"],  # [B] lars; the others for small CPU runs
+                    name: Literal[OPTIMIZERS],  # [B] lars; the others for small CPU runs
                     lr: float,  # starting learning rate (overwritten by `set_lr` each step)
                     weight_decay: float = 0.0,  # for weights only; biases and norm parameters get 0
                     momentum: float = 0.9,  # [B] LARS / SGD momentum, AdamW beta1

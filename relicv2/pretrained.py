@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .config import CONVERT_FORMATS
 from .files import atomic_write
-from .encoder import ARCHS, TORCHVISION_ARCHS, BasicBlock, ResNet, resnet, state_dict_mismatch, torchvision_resnet
+from .encoder import LAYOUTS, TORCHVISION_ARCHS, BasicBlock, ResNet, resnet, state_dict_mismatch, torchvision_resnet
 
 # %% auto #0
 __all__ = ['ConversionError', 'Refused', 'SafeUnpickler', 'read_checkpoint', 'write_haiku_checkpoint', 'torch_name', 'Converted',
@@ -140,7 +140,7 @@ def torch_name(module: str) -> str | None:
 @dataclass
 class Converted:
     "An encoder read from a Haiku checkpoint: its shape, torchvision-named weights, and what the file held besides."
-    arch: str  # one of relicv2.encoder.ARCHS
+    arch: str  # one of relicv2.config.ARCHS
     width: float  # the width multiplier (1, 2, 4 for the released ResNet-50s)
     shortcut: str  # "when_needed" or "every_stage" (see relicv2.encoder.ResNet)
     state_dict: dict[str, Tensor]  # torchvision's names; float32 weights
@@ -180,9 +180,9 @@ def _layout(p: dict, source: str) -> tuple[str, bool]:
         if m := re.match(r"block_group_(\d+)/~/block_(\d+)/", k): blocks.setdefault(int(m[1]), set()).add(int(m[2]))
     depths = tuple(max(blocks[g]) + 1 for g in sorted(blocks))
     bottleneck = "block_group_0/~/block_0/~/conv_2" in p
-    for arch, (block, d) in ARCHS.items():
+    for arch, (block, d) in LAYOUTS.items():
         if sorted(blocks) == [0, 1, 2, 3] and d == depths and (block is not BasicBlock) == bottleneck: return arch, bottleneck
-    known = ", ".join(f"{a} {d}" for a, (_, d) in ARCHS.items())
+    known = ", ".join(f"{a} {d}" for a, (_, d) in LAYOUTS.items())
     raise ConversionError(f"{source}: an unknown ResNet, {'bottleneck' if bottleneck else 'basic'} blocks per stage "
                           f"{depths} (known: {known})")
 

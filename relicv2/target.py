@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 # %% auto #0
-__all__ = ['BufferMode', 'BUFFER_MODES', 'ema_momentum', 'momentum_schedule', 'target_init_share', 'make_target', 'update_target']
+__all__ = ['BUFFER_MODES', 'BufferMode', 'ema_momentum', 'momentum_schedule', 'target_init_share', 'make_target', 'update_target']
 
 # %% ../nbs/06_target.ipynb #32c56401
 def _check_schedule_args(total_steps, base_momentum):
@@ -62,8 +62,8 @@ def make_target(online: nn.Module,  # online encoder + projector (not the predic
     return target
 
 # %% ../nbs/06_target.ipynb #95f08f7e
-BufferMode = Literal["own", "copy", "ema"]
 BUFFER_MODES = ("own", "copy", "ema")
+BufferMode = Literal[BUFFER_MODES]
 
 def _paired(target_named, online_named, what: str) -> tuple[list[Tensor], list[Tensor]]:
     "The tensors of two modules paired by name; ValueError if names or shapes differ."

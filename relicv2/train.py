@@ -6,11 +6,14 @@
 from __future__ import annotations
 
 import math
+import os
 import signal
+import socket
+import sys
 import threading
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -31,7 +34,8 @@ from .checkpoint import (CheckpointError, ResumableSampler, check_resumable, lis
                                 load_checkpoint, make_generators, remove_stale_temporaries, rng_state, save_checkpoint,
                                 seed_everything, set_rng_state)
 from .metrics import MetricsLog, plot_metrics, stored_loss
-from .distributed import DistEnv, init_distributed, gather, gather_with_grad, host_group, loader_workers, sync_batchnorm
+from .distributed import (DistEnv, init_distributed, gather, gather_with_grad, host_group, is_peer_error, loader_workers,
+                          mark_progress, peer_failure, sync_batchnorm)
 from .networks import SupervisedNetwork, build_networks
 from .loss import ReLICv2Loss
 from .memory import check_fits, device_memory, tune_malloc
@@ -43,8 +47,8 @@ from .views import ViewGenerator
 # %% auto #0
 __all__ = ['TRACE_OBJECTIVES', 'TrainingDiverged', 'non_finite', 'RunResult', 'cuda_backends', 'RunInterrupted', 'StopSignals',
            'stop_requested', 'StepParts', 'check_trace_terms', 'build_step', 'train_step', 'trace_terms',
-           'training_set', 'make_loader', 'batches_from', 'to_device', 'resume_state', 'write_checkpoint', 'StepLog',
-           'fit']
+           'training_set', 'make_loader', 'batches_from', 'to_device', 'newest_intact', 'resume_state',
+           'write_checkpoint', 'StepLog', 'fit']
 
 # %% ../nbs/09_train.ipynb #be5d9234
 class TrainingDiverged(RuntimeError):
@@ -103,14 +107,17 @@ class RunInterrupted(RuntimeError):
     "A signal stopped the run after a checkpoint; `signum`, `step` and `checkpoint` say which, where and what to resume from."
     def __init__(self, signum: int, step: int, checkpoint: Optional[Path]):
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
-        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint {checkpoint}; "
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint {checkpoint or 'written by rank 0'}; "
                          "run the same command again to resume from it")
 
 class StopSignals:
     "While active: the first SIGTERM or SIGINT is recorded in `received` (stop after this step); a second acts at once."
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self): self.received, self._old = None, {}
+    def __init__(self, grace_s: Optional[float] = None):  # several processes: a signal that finds this process still waiting in a collective grace_s later ends it (None: off)
+        self.received, self._old, self.grace_s = None, {}, grace_s
+        self.step, self.checkpoint = 0, None  # where the run is (set by the loop), for the line of a stop while waiting
+        self._wake, self._done, self._wakeup_before = None, threading.Event(), None
 
     def _handle(self, signum, frame):
         if self.received is None: self.received = signum; return
@@ -119,13 +126,53 @@ class StopSignals:
     def restore(self):
         for s, h in self._old.items(): signal.signal(s, h if h is not None else signal.SIG_DFL)
         self._old = {}
+        if self._wake is not None:
+            self._done.set(); signal.set_wakeup_fd(self._wakeup_before)
+            for s in self._wake: s.close()
+            self._wake = None
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
             self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+            if self.grace_s is not None:  # the C-level handler writes each signal's number here, even while Python waits in C
+                self._wake = socket.socketpair(); self._wake[1].setblocking(False)
+                self._wakeup_before = signal.set_wakeup_fd(self._wake[1].fileno(), warn_on_full_buffer=False)
+                threading.Thread(target=self._watch, args=(self._wake[0],), daemon=True).start()
         return self
 
     def __exit__(self, *exc): self.restore()
+
+    def _watch(self, wake: socket.socket):
+        "The watchdog thread: after a stop signal, end the process if its main thread still waits in a collective `grace_s` later."
+        try: got = wake.recv(1)
+        except OSError: return  # closed: the run is over
+        if not got or got[0] not in self.SIGNALS: return
+        t0 = time.monotonic()
+        while not self._done.wait(0.2):
+            if time.monotonic() - t0 >= self.grace_s and _waiting_in_collective():
+                line = peer_failure(RuntimeError(), self.step, why=f"did not answer (stopped by {signal.Signals(got[0]).name} while waiting)")
+                print(f"{_prog()}: error: {line}; the last checkpoint is {_last_good(self.checkpoint)}; run the same command "
+                      "again to resume from it", file=sys.stderr, flush=True)
+                os._exit(3)  # a peer failure (90_cli's exit codes); the main thread cannot be woken from its wait
+
+_WAITING = tuple(os.path.join("torch", d, "") for d in ("distributed", "autograd", os.path.join("nn", "parallel")))
+
+def _waiting_in_collective() -> bool:
+    "Whether the main thread is inside torch.distributed, DDP or the autograd engine (where a collective waits for a peer)."
+    frame = sys._current_frames().get(threading.main_thread().ident)
+    return frame is not None and any(w in frame.f_code.co_filename for w in _WAITING)
+
+def _prog() -> str:
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return name if name.startswith("relicv2") else "relicv2-train"
+
+@contextmanager
+def _peers_named(env: DistEnv, step: Callable[[], int]):
+    "Several processes: a collective that fails because a peer died or stopped answering becomes one `PeerFailure` line."
+    try: yield
+    except Exception as e:
+        if env.distributed and is_peer_error(e): raise peer_failure(e, step()) from None
+        raise
 
 def stop_requested(stop: StopSignals, env: DistEnv) -> int:
     "The signal that stops the run after this step (0: none); one process's signal stops them all. The GPU is never waited for."
@@ -187,7 +234,7 @@ def build_step(cfg: RunConfig,  # the run
     if target is not None: target.to(dev)
     model = DistributedDataParallel(online, device_ids=[dev] if dev.type == "cuda" else None) if env.distributed else online
     return StepParts(cfg, env, views, online, target, torch.compile(model) if tc.compile else model,
-                     None if objective == "supervised" else ReLICv2Loss.from_config(cfg.loss), optimizer_from_config(cfg.optim, online),
+                     None if objective == "supervised" else ReLICv2Loss(cfg.loss), optimizer_from_config(cfg.optim, online),
                      torch.amp.GradScaler("cuda") if tc.precision == "fp16" else None,
                      lr_schedule_from_config(cfg.optim, tc.batch_size, steps_per_epoch, tc.epochs),
                      momentum_schedule(tc.epochs * steps_per_epoch, cfg.target.tau_base),
@@ -251,7 +298,7 @@ def trace_terms(p: StepParts,  # the run's parts (an objective of `TRACE_OBJECTI
     params = [q for q in p.online.encoder.parameters() if q.requires_grad]
     scale = float(p.scaler.get_scale()) if p.scaler is not None else 1.0  # fp16: at the step's scale, unscaled after
     out = {}
-    for name, term in (("contrastive", contrastive), ("invariance", p.criterion.params.alpha * invariance)):
+    for name, term in (("contrastive", contrastive), ("invariance", p.criterion.alpha * invariance)):
         grads = torch.autograd.grad(term * scale, params, retain_graph=True, allow_unused=True, materialize_grads=True)
         flat = torch.cat([g.flatten().float() for g in grads]) / scale  # into no .grad: the step's own backward is untouched
         if p.env.distributed: dist.all_reduce(flat); flat /= p.env.world_size  # the global batch's gradient, as DDP averages it
@@ -316,18 +363,37 @@ def to_device(batch: ritems.Batch,  # from the loader, on the host (pinned on a 
 def _last_good(path: Optional[Path]) -> str:
     return str(path) if path else "none (no checkpoint was written yet)"
 
+def newest_intact(run_dir: Path,  # where the run's checkpoints are
+                  main: bool = True,  # this is process 0, which moves the unreadable ones aside
+                 ) -> tuple[Optional[Path], Optional[dict]]:  # the newest checkpoint that reads and its state; (None, None): none written
+    "The newest readable checkpoint of `run_dir`; newer corrupt ones are renamed `*.corrupt` (kept) with a warning each."
+    bad = []
+    for path in reversed(list_checkpoints(run_dir)):
+        try: state = load_checkpoint(path)
+        except CheckpointError as e:  # truncated, garbage, empty; or moved aside by process 0 meanwhile
+            if "corrupt or truncated" not in str(e) and "does not exist" not in str(e): raise  # code, another format: stop
+            bad.append((path, e)); continue
+        for b, e in bad if main else ():
+            if not b.exists(): continue
+            aside = b.with_name(b.name + ".corrupt"); b.replace(aside)
+            warnings.warn(f"skipped checkpoint {b.name}: {str(e).split('; ')[0].split(' is ')[-1]}; moved aside to {aside} "
+                          f"(not deleted); resuming from {path.name}, the newest intact one")
+        return path, state
+    if bad: raise bad[0][1]  # none reads: nothing to go back to, so nothing is moved; the error names the newest
+    return None, None
+
 def resume_state(p: StepParts,  # from `build_step`: loaded in place
                  run_dir: Path,  # where the run's checkpoints are
                  resume: bool | str | Path = True,  # as `fit`'s argument
                 ) -> tuple[int, Optional[Path]]:  # the step to go on from (0: a fresh start) and the checkpoint read
-    "Load the checkpoint `resume` names (True: the newest in `run_dir`) into `p`; a fresh start refuses an existing run."
+    "Load the checkpoint `resume` names (True: the newest intact one in `run_dir`) into `p`; a fresh start refuses an existing run."
     if resume is False:
         if list_checkpoints(run_dir):
             raise CheckpointError(f"{str(run_dir)!r} already holds checkpoints; resume, or choose another train.out_dir")
         return 0, None
-    path = Path(resume) if not isinstance(resume, bool) else (list_checkpoints(run_dir) or [None])[-1]
+    if isinstance(resume, bool): path, state = newest_intact(run_dir, p.env.is_main)  # a corrupt newest: the one before
+    else: path = Path(resume); state = load_checkpoint(path)  # the file asked for, or a clear error
     if path is None: return 0, None
-    state = load_checkpoint(path)
     check_resumable(state["config"], p.cfg, path)
     p.online.load_state_dict(state["online"])
     if p.target is not None: p.target.load_state_dict(state["target"])
@@ -408,7 +474,7 @@ def fit(cfg: RunConfig,  # the whole run, e.g. `preset("demo")`
     "Train ReLICv2 as `cfg` says; under `torchrun`, every process calls this."
     tc = cfg.train
     # ---------------- processes and devices ----------------
-    env = env or init_distributed(tc.device)
+    env = env or init_distributed(tc.device, tc.collective_timeout_s)
     if tc.batch_size % env.world_size:
         raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by the number of processes ({env.world_size})")
     if env.device.type == "cuda":
@@ -451,8 +517,10 @@ def fit(cfg: RunConfig,  # the whole run, e.g. `preset("demo")`
     p.online.train()
     if p.target is not None: p.target.train()  # the target's BN statistics come from its own forward pass [BYOL's network code]
     meter, loss = StepLog(log, p, masks=n_with_mask is not None), float("nan")
-    with StopSignals() as stop:  # SIGTERM / Ctrl-C: finish the step, write a checkpoint, stop (see above)
+    grace = min(30.0, tc.collective_timeout_s / 4) if env.distributed else None  # a stop that finds a peer gone (see above)
+    with StopSignals(grace) as stop, _peers_named(env, lambda: stop.step):  # SIGTERM / Ctrl-C: finish the step, write a checkpoint, stop
         for epoch, batch in batches_from(loader, sampler, step, end, steps_per_epoch):
+            stop.step, stop.checkpoint = step + 1, ckpt; mark_progress(step + 1)  # for the line of a peer that stops answering
             batch = to_device(batch, env.device, p.masks); meter.arrived()
             trace = tc.trace_terms and meter.due(step + 1, end)  # the terms' gradient norms, at the steps that write a row
             try: check, terms, masked = train_step(p, batch, step, trace=trace)  # the paper's step (see above)
@@ -472,9 +540,9 @@ def fit(cfg: RunConfig,  # the whole run, e.g. `preset("demo")`
                 bar.close()
                 raise RunInterrupted(signum, step, ckpt)
             meter.waiting()
-    bar.close()
-    # ---------------- the end of the run ----------------
-    if step > 0: ckpt = write_checkpoint(p, run_dir, step, ckpt) or ckpt
+        bar.close()
+        # ---------------- the end of the run ----------------
+        if step > 0: ckpt = write_checkpoint(p, run_dir, step, ckpt) or ckpt
     if main and step > 0:
         plot_metrics(run_dir / "metrics.jsonl", run_dir / "loss.png", title=f"{cfg.loss.objective} on {cfg.data.dataset}")
     return RunResult(run_dir, step, loss, ckpt, init_share, p.online)

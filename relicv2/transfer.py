@@ -51,7 +51,7 @@ def run_suite(encoder: nn.Module,  # the frozen (online) encoder, pretrained on 
     other = transfer_config(cfg)
     announce(f"transfer: the encoder on classes {other.data.classes} (pretrained on {cfg.data.classes})", progress)
     res = evaluate_from_config(encoder, other, splits=splits, device=device, progress=progress, name="transfer")
-    out = {s: {k: float(v) for k, v in r.items() if v is not None} for s, r in res.items()}
+    out = {s: {k: float(v) for k, v in r.items() if isinstance(v, (int, float))} for s, r in res.items()}  # the accuracies (not class_counts)
     names = from_config(other.data, "train", masks=False).classes
     out["info"] = {"classes": list(complement_classes(cfg)), "class_names": list(names), "pretraining_classes": cfg.data.classes,
                    "probe": cfg.eval.linear_solver, "protocol": cfg.eval.protocol}

@@ -20,7 +20,7 @@ import byol_lightly as B  # noqa: E402  (benchmarks/ is not a package)
 
 from relicv2.config import load_config, update  # noqa: E402
 from relicv2.evaluate import initial_encoder  # noqa: E402
-from relicv2.loss import view_loss  # noqa: E402
+from relicv2.loss import ReLICv2Loss  # noqa: E402
 from relicv2.optim import lr_schedule_from_config  # noqa: E402
 
 
@@ -69,7 +69,7 @@ def test_loss_is_relicv2s_byol_loss_over_the_same_pairs(n_large, n_small):
     g = torch.Generator().manual_seed(0)
     p = [torch.randn(8, 5, generator=g) for _ in range(n_large + n_small)]
     z = [torch.randn(8, 5, generator=g) for _ in range(n_large)]
-    theirs, _ = view_loss("byol", p[:n_large], p[n_large:], z)
+    theirs, _ = ReLICv2Loss(objective="byol")(p[:n_large], p[n_large:], z)
     torch.testing.assert_close(B.byol_loss(p, z, n_large, "mean"), theirs)
     n_pairs = (n_large + n_small) * n_large - n_large
     torch.testing.assert_close(B.byol_loss(p, z, n_large, "sum"), theirs * n_pairs)

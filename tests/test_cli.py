@@ -33,6 +33,10 @@ def run(*args, cwd=None):
     (["--set", "eval.crop_fraction=0"], "eval.crop_fraction must be in (0, 1]"),
     (["--set", "views.large_scale=0.5,0.2"], "views.large_scale must be a pair lo,hi with 0 < lo <= hi <= 1"),
     (["--set", "optim.momentum=nan"], "optim.momentum must be finite"),
+    # silent no-ops once (exit 0, an empty run directory): refused
+    (["--max-steps", "0"], "--max-steps must be >= 1 (steps in total"),
+    (["--max-steps", "-3"], "--max-steps must be >= 1 (steps in total, the resumed ones included), got -3"),
+    (["--resume", "/nowhere/step_0000002.pt"], "--resume '/nowhere/step_0000002.pt' does not exist; give a checkpoint file"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, needle):
     r = run(*args)
@@ -53,6 +57,15 @@ def test_bad_config_file_names_the_field(tmp_path):
     (tmp_path / "run.json").write_text('{"loss": {"alpha": "lots"}}')
     r = run("--config", str(tmp_path / "run.json"))
     assert r.returncode == 2 and "'loss.alpha' expects a float" in r.stderr, r.stderr
+    (tmp_path / "latin1.yaml").write_bytes("train:\n  out_dir: runs/caf\xe9\n".encode("latin-1"))  # not UTF-8
+    r = run("--config", str(tmp_path / "latin1.yaml"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert f"config file {str(tmp_path / 'latin1.yaml')!r} is not UTF-8 text (byte 0xe9 at offset 26)" in r.stderr, r.stderr
+
+
+def test_no_step_asked_for_makes_no_run_directory(tmp_path):
+    r = run("--preset", "tiny", "--max-steps", "0", "--set", f"train.out_dir={tmp_path / 'run'}")
+    assert r.returncode == 2 and not (tmp_path / "run").exists(), r.stderr
 
 
 def command(name, *args):
@@ -88,6 +101,10 @@ def test_eval_weights_take_either_exported_file_and_misfits_are_one_line(tmp_pat
         assert r.returncode == 0 and "knn_top1" in r.stdout, (f, r.stderr)
     r = command("eval_main", "--preset", "tiny", "--weights", str(run_dir / "encoder_torchvision.pt"), "--set", "encoder.width=0.25")
     one_line(r, 2, "does not fit a resnet18 of width 0.25")
+    # a run directory whose config does not describe its weights (was a 118-line traceback): one line, exit 2
+    r = command("eval_main", str(run_dir), "--set", "encoder.width=0.25", "--no-progress")
+    one_line(r, 2, "step_0000004.pt' does not fit a resnet18 of width 0.25 (small_stem=True) as")
+    assert "shapes differ" in r.stderr and "give the encoder.* settings it was trained with" in r.stderr
     (tmp_path / "junk.pt").write_bytes(b"not a weights file")
     one_line(command("eval_main", "--preset", "tiny", "--weights", str(tmp_path / "junk.pt")), 2, "cannot be read as a weights file")
 
@@ -109,6 +126,9 @@ def test_a_train_only_folder_with_masks_trains_monitors_and_says_why_it_does_not
     assert "nothing held out to evaluate on" in r.stdout
     rows = [l for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "knn_top1" in l]
     assert rows and all('"train (held-out slice)"' in l for l in rows)
+    # relicv2-eval on it: one line that says why (was "splits must be a non-empty subset of , got ()")
+    r = command("eval_main", str(tmp_path / "run"), "--no-progress")
+    one_line(r, 2, "has no split but train, so nothing held out to evaluate on")
 
 
 
@@ -270,4 +290,5 @@ def test_an_error_inside_a_dataloader_worker_is_one_line_naming_the_file(tmp_pat
     r = command("train_main", "--preset", "tiny", "--set", f"data.dataset=imagefolder:{tmp_path / 'tree'}", "--set", "data.image_size=16",
                 "--set", "data.num_workers=1", "--set", f"train.out_dir={tmp_path / 'run'}", "--no-progress")
     one_line(r, 2, "broken.png")
+    assert ": error: cannot decode " in r.stderr and "CorruptImageError" not in r.stderr, r.stderr  # the message, whole, without its class
     assert "(in DataLoader worker process 0)" in r.stderr and "Original Traceback" not in r.stderr, r.stderr

@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 
 from relicv2.config import EncoderConfig, HeadConfig, preset
-from relicv2.encoder import ARCHS, TORCHVISION_ARCHS, BasicBlock, Bottleneck, ResNet, export_torchvision, resnet
+from relicv2.encoder import LAYOUTS, TORCHVISION_ARCHS, BasicBlock, Bottleneck, ResNet, export_torchvision, resnet
 from relicv2.networks import MLPHead, OnlineNetwork, TargetNetwork, build_networks, multicrop_forward
 from relicv2.target import make_target
 
@@ -44,7 +44,7 @@ def test_feat_dim_matches_output(arch, width, small):
     with torch.no_grad():
         y = m(torch.rand(2, 3, 16, 16))
     assert y.shape == (2, m.feat_dim)
-    block = ARCHS[arch][0]
+    block = LAYOUTS[arch][0]
     assert m.feat_dim == block.expansion * max(1, round(512 * width))
     assert m.conv1.out_channels == max(1, round(64 * width))  # the stem is widened too
 

@@ -1,4 +1,5 @@
 "kNN against a brute-force numpy computation (ties included), the linear probe and bad input (relicv2.probes); feature extraction and evaluation (relicv2.evaluate); the official protocol on augmented crops (relicv2.official_eval)."
+import json
 import math
 
 import numpy as np
@@ -269,7 +270,9 @@ def test_evaluate_with_a_perfect_encoder():
                  knn_k=5, linear_epochs=20, linear_batch_size=32)
     assert list(r) == ["test", "other"]
     for split in r.values():
-        assert split == dict(knn_top1=100.0, knn_top5=None, linear_top1=100.0, linear_top5=None)  # 3 classes: no top-5
+        assert {k: split[k] for k in ("knn_top1", "knn_top5", "linear_top1", "linear_top5", "knn_balanced", "linear_balanced")} == dict(
+            knn_top1=100.0, knn_top5=None, linear_top1=100.0, linear_top5=None, knn_balanced=100.0, linear_balanced=100.0)  # 3 classes: no top-5
+        assert sum(split["class_counts"]) in (30, 9) and len(split["class_counts"]) == 3 and 0 < split["majority_top1"] < 100
 
 
 def test_evaluate_bad_input():
@@ -284,8 +287,9 @@ def test_evaluate_bad_input():
 def test_evaluate_from_config_splits(encoder):
     cfg = preset("tiny")
     r = evaluate_from_config(encoder, cfg, splits=("test_ood",), n=24, cache_dir=False)
-    assert list(r) == ["test_ood"] and set(r["test_ood"]) == {"knn_top1", "knn_top5", "linear_top1", "linear_top5"}
-    with pytest.raises(ValueError, match="splits must be a non-empty subset of test, test_ood"):
+    assert list(r) == ["test_ood"] and set(r["test_ood"]) == {"knn_top1", "knn_top5", "linear_top1", "linear_top5", "knn_balanced",
+                                                              "linear_balanced", "majority_top1", "class_counts"}
+    with pytest.raises(ValueError, match="splits must be a non-empty subset of test, test_ood \\(the held-out splits"):
         evaluate_from_config(encoder, cfg, splits=("val",))
 
 
@@ -483,3 +487,43 @@ def test_bn_recalibration_of_a_sync_bn_encoder_calls_no_collective(monkeypatch, 
     assert not any(isinstance(m, (nn.SyncBatchNorm,)) or type(m).__name__ == "GlobalBatchNorm" for m in local.modules())
     for (k, a), b in zip(plain.state_dict().items(), local.state_dict().values()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def _folder(root, split, counts, size=24):
+    "root/split/class/i.png, `counts[class]` random images of each class."
+    from PIL import Image
+    g = torch.Generator().manual_seed(len(counts))
+    for c, n in counts.items():
+        (root / split / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.fromarray(torch.randint(0, 256, (size, size, 3), generator=g, dtype=torch.uint8).numpy()).save(root / split / c / f"{i}.png")
+
+
+def _train(root, out, *extra):
+    import subprocess, sys
+    return subprocess.run([sys.executable, "-c", "import sys; from relicv2.cli import train_main; sys.exit(train_main())",
+                           "--preset", "tiny", "--no-progress", "--max-steps", "1", "--set", f"data.dataset=imagefolder:{root}",
+                           "--set", f"train.out_dir={out}", "--set", "eval.linear_epochs=2", "--set", "eval.knn_k=5", *extra],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_a_split_missing_a_class_is_named_before_training_and_reported_with_its_floor(tmp_path):
+    # imbalanced training classes (30 vs 12), a validation split that holds only the first: warned by name before the
+    # first step, evaluated, and the table says what always answering the majority class scores (never "chance is")
+    root = tmp_path / "data"
+    _folder(root, "train", {"ant": 30, "bee": 12}); _folder(root, "val", {"ant": 10})
+    r = _train(root, tmp_path / "run")
+    assert r.returncode == 0, r.stderr
+    assert "split 'val' has no image of 1 of the 2 training classes (bee)" in r.stderr, r.stderr
+    val = json.loads((tmp_path / "run" / "eval.json").read_text())["trained"]["val"]
+    assert val["class_counts"] == [10, 0] and val["majority_top1"] == 100.0 and 0 <= val["linear_balanced"] <= 100
+    assert "chance is" not in r.stdout and "val: 10 images of 1 of the 2 classes" in r.stdout, r.stdout
+    assert "always answering the most frequent training class scores 100.0%" in r.stdout and "linear_balanced" in r.stdout
+
+
+def test_a_split_with_a_class_unknown_to_training_is_refused_before_training(tmp_path):
+    root = tmp_path / "data"
+    _folder(root, "train", {"ant": 10, "bee": 10}); _folder(root, "val", {"ant": 3, "cat": 3})
+    r = _train(root, tmp_path / "run")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "cat" in r.stderr and "not classes of the training split" in r.stderr, r.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()  # nothing trained

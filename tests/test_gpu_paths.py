@@ -412,7 +412,7 @@ def test_evaluation_runs_on_the_encoders_device_on_fake_cuda(solver):
     print(f"{solver}: {sync.total} host synchronisations\n{sync.table()}")
     probe = "linear_probe" if solver == "sgd" else "lbfgs_probe"
     assert seen == [(probe, CUDA0), ("knn_classify", CUDA0)]
-    assert set(out["val"]) == {"knn_top1", "knn_top5", "linear_top1", "linear_top5"}
+    assert set(out["val"]) == {"knn_top1", "knn_top5", "linear_top1", "linear_top5", "knn_balanced", "linear_balanced", "majority_top1", "class_counts"}
     assert sync.sites and not [k for k in sync.sites if k.startswith("copy to host")]  # no feature goes back to the host
 
 
@@ -442,7 +442,7 @@ def test_a_step_reads_the_device_once_beyond_views_and_loss():
 
 def test_the_loss_reads_tensor_anchors_once_a_call_and_a_range_never():
     from relicv2.loss import ReLICv2Loss
-    crit = ReLICv2Loss("relicv2", n_negatives=4)
+    crit = ReLICv2Loss(n_negatives=4)
     with _FakeCuda(allow_non_fake_inputs=True):
         views = [torch.randn(8, 16, device=CUDA0) for _ in range(5)]  # L = 2, S = 1: 6 view pairs
         g = _CudaGenerator().manual_seed(0)

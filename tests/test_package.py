@@ -108,6 +108,58 @@ def test_results_notebook_keeps_its_outputs_small():
     assert size < 200_000, f"12_results stores {size} bytes of outputs (limit 200000)"
 
 
+def _choice_tuples() -> dict:
+    "The choice lists of relicv2.config: its upper-case tuples of two or more strings, by name."
+    from relicv2 import config
+    return {k: v for k, v in vars(config).items()
+            if k.isupper() and isinstance(v, tuple) and len(v) > 1 and all(isinstance(x, str) for x in v)}
+
+
+def test_each_config_literal_is_made_from_its_choice_tuple():
+    import ast
+    import typing
+    from relicv2 import config
+    choices, seen = _choice_tuples(), 0
+    for cls in ast.walk(ast.parse(Path(config.__file__).read_text())):
+        if not isinstance(cls, ast.ClassDef): continue
+        hints = typing.get_type_hints(getattr(config, cls.name))
+        for node in cls.body:
+            ann = getattr(node, "annotation", None)
+            if not (isinstance(ann, ast.Subscript) and isinstance(ann.value, ast.Name) and ann.value.id == "Literal"): continue
+            where = f"{cls.name}.{node.target.id}"
+            assert isinstance(ann.slice, ast.Name) and ann.slice.id in choices, f"{where}: write Literal[TUPLE] with a tuple of relicv2.config"
+            assert typing.get_args(hints[node.target.id]) == choices[ann.slice.id], where
+            seen += 1
+    assert seen >= 11  # mask_fill, arch, padding, shortcut, objective, kl_direction, kl_construction, optimizer, precision...
+
+
+def test_no_module_declares_a_choice_list_of_the_config_again():
+    """A tuple, list or set of string literals (a Literal[...] included) with the values of one of the config's choice
+    lists, anywhere in relicv2/ but config.py, is a second declaration: import the config's tuple instead."""
+    import ast
+    by_values = {frozenset(v): k for k, v in _choice_tuples().items()}
+    found = []
+    for path in sorted((ROOT / "relicv2").glob("*.py")):
+        if path.name in ("config.py", "_modidx.py"): continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            elts = getattr(node, "elts", None) if isinstance(node, (ast.Tuple, ast.List, ast.Set)) else None
+            if elts and all(isinstance(e, ast.Constant) and isinstance(e.value, str) for e in elts):
+                name = by_values.get(frozenset(e.value for e in elts))
+                if name: found.append(f"{path.name}:{node.lineno} declares {name} again")
+    assert not found, found
+    assert len(by_values) >= 14  # the scan looks for every choice list, not only some
+
+
+def test_every_literal_of_the_package_is_made_from_a_tuple():
+    "A `Literal` spelled with its values beside a tuple of the same values drifts: each is written Literal[TUPLE]."
+    import ast
+    found = []
+    for path in sorted((ROOT / "relicv2").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Subscript) and getattr(node.value, "id", getattr(node.value, "attr", None)) == "Literal"
+                    and not isinstance(node.slice, (ast.Name, ast.Attribute))):
+                found.append(f"{path.name}:{node.lineno}")
+    assert not found, found
 def test_every_module_imports_in_a_fresh_interpreter():
     # each module of the package imports (the graph test below makes the order irrelevant: no module needs another first)
     mods = sorted(p.stem for p in (ROOT / "relicv2").glob("*.py") if not p.stem.startswith("_"))

@@ -126,6 +126,22 @@ def test_checkpoint_with_code_is_refused_before_it_runs(tmp_path):
         assert not witness.exists()
 
 
+class _System:
+    "Unpickling this object would run a shell command (os.system): what a malicious checkpoint holds."
+    def __init__(self, path): self.path = path
+    def __reduce__(self): return (os.system, (f"touch {self.path}",))
+
+
+def test_a_checkpoint_calling_os_system_is_named_as_refused_code_not_as_corrupt(tmp_path):
+    # today's torch words it "unsupported GLOBAL posix.system"; the message once read "corrupt or truncated ... delete it"
+    (tmp_path / "checkpoints").mkdir()
+    bad, witness = tmp_path / "checkpoints" / "step_0000002.pt", tmp_path / "ran.txt"
+    torch.save({"step": 2, "x": _System(witness)}, bad)
+    with pytest.raises(CheckpointError, match="refused without running any of it") as e:
+        load_checkpoint(bad)
+    assert "corrupt" not in str(e.value) and not witness.exists()
+
+
 def test_incompatible_checkpoint_is_refused(tmp_path):
     fit(tiny(tmp_path / "run"), max_steps=2, progress=False)
     with pytest.raises(CheckpointError, match="encoder.width"):
@@ -548,3 +564,102 @@ def test_a_run_without_masks_hands_the_views_none(tmp_path, monkeypatch):
     fit(tiny(tmp_path / "off", **{"views.mask_prob": 0}), max_steps=2, progress=False)
     fit(tiny(tmp_path / "on"), max_steps=2, progress=False)  # the generated shapes come with masks
     assert seen == [True, True, False, False]
+
+
+def _two_processes(out_dir, timeout_s, port):
+    "Two gloo processes of a long tiny run, started as torchrun would (its environment variables), rank 1's stdout/stderr piped."
+    cmd = _train_cmd(out_dir, "--set", "train.epochs=500", "--set", f"train.collective_timeout_s={timeout_s}", "--set", "train.device=cpu")
+    base = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+            "LOCAL_WORLD_SIZE": "2"}
+    return [subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                             env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]
+
+
+@pytest.mark.parametrize("how", ["stopped", "stopped, then SIGTERM", "killed"])
+def test_a_stopped_peer_ends_the_other_process_within_the_timeout_with_one_line(tmp_path, how):
+    # rank 1 paused (SIGSTOP): rank 0 waits in a collective; it must end by itself within train.collective_timeout_s
+    # (and, sent SIGTERM while it waits, within a quarter of it), with one line naming the step and rank 1, exit code 3;
+    # rank 1 killed: at once, with the same kind of line (was gloo's "Connection reset by peer" traceback)
+    import signal, socket, time
+    with socket.socket() as s: s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+    timeout = 12
+    procs = _two_processes(tmp_path / "run", timeout, port)
+    try:
+        metrics = tmp_path / "run" / "metrics.jsonl"
+        deadline = time.time() + 120
+        while time.time() < deadline and all(p.poll() is None for p in procs):
+            if metrics.exists() and sum('"loss"' in l for l in metrics.read_text().splitlines()) >= 3: break
+            time.sleep(0.05)
+        assert all(p.poll() is None for p in procs), procs[0].stderr.read()
+        procs[1].send_signal(signal.SIGKILL if how == "killed" else signal.SIGSTOP); t0 = time.time()
+        if how == "stopped, then SIGTERM": time.sleep(1); procs[0].send_signal(signal.SIGTERM)
+        err = procs[0].communicate(timeout=timeout + 30)[1]
+        took = time.time() - t0
+    finally:
+        for p in procs: p.kill(); p.wait()
+    lines = [l for l in err.strip().splitlines() if not l.startswith("pretraining: ")]
+    assert procs[0].returncode == 3 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("relicv2-train: error: rank 0: step ") and "waited for rank 1," in lines[0], lines[0]
+    why = {"stopped": "which stopped answering (no reply within train.collective_timeout_s)",
+           "stopped, then SIGTERM": "which did not answer (stopped by SIGTERM while waiting); last marks: rank 1 began step",
+           "killed": "which failed (its connection broke)"}[how]
+    assert why in lines[0], lines[0]
+    limit = {"stopped": timeout + 5, "stopped, then SIGTERM": timeout / 4 + 1 + 5, "killed": 5}[how]  # (+ up to 2 s reading the marks)
+    assert took < limit, took
+    assert not [f for f in (tmp_path / "run").rglob("*") if ".tmp" in f.name], "a half-written file was left"
+    print(f"{how}: rank 0 ended {took:.1f} s after rank 1 stopped (timeout {timeout} s): {lines[0]}")
+
+
+def _children(pid):
+    "The processes whose parent is `pid` (from /proc)."
+    kids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try: stat = (d / "stat").read_text()
+            except OSError: continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid: kids.append(int(d.name))
+    return kids
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds torchrun's workers through /proc")
+def test_a_sigterm_stop_under_torchrun_is_one_line_a_rank_and_not_a_failure(tmp_path):
+    # a scheduler's SIGTERM to every worker: each writes one line, the checkpoint is written, torchrun exits 0
+    # (the ranks used to exit 143, which torchrun reports as a failure with its ChildFailedError traceback)
+    import signal, time
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--no-python", "relicv2-train",
+           "--preset", "tiny", "--no-eval", "--no-progress", "--set", f"train.out_dir={tmp_path / 'run'}", "--set", "train.epochs=500",
+           "--set", "train.device=cpu", "--set", "train.ckpt_every=1000"]
+    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and p.poll() is None:
+        if metrics.exists() and sum('"loss"' in l for l in metrics.read_text().splitlines()) >= 3: break
+        time.sleep(0.05)
+    workers = _children(p.pid)
+    assert p.poll() is None and len(workers) == 2, workers
+    for w in workers: os.kill(w, signal.SIGTERM)
+    err = p.communicate(timeout=120)[1]
+    ours = [l for l in err.splitlines() if l.startswith("relicv2-train")]
+    assert p.returncode == 0 and "Traceback" not in err and "ChildFailedError" not in err, err
+    assert sorted(l.split(":")[1] for l in ours) == [" rank 0", " rank 1"] and all("stopped by SIGTERM after step" in l for l in ours), ours
+    step = int(ours[0].split("after step ")[1].split(";")[0])
+    assert list_checkpoints(tmp_path / "run")[-1].name == f"step_{step:07d}.pt"
+    assert not [w for w in workers if Path(f"/proc/{w}").exists()]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_a_corrupt_newest_checkpoint_is_moved_aside_and_the_run_resumes_from_the_one_before(tmp_path, damage):
+    cfg = tiny(tmp_path / "run", **{"train.ckpt_every": 1, "train.epochs": 2})
+    fit(cfg, max_steps=3, progress=False)
+    newest = list_checkpoints(tmp_path / "run")[-1]
+    assert newest.name == "step_0000003.pt"
+    data = newest.read_bytes()
+    newest.write_bytes({"truncated": data[:len(data) // 2], "garbage": os.urandom(4096), "empty": b""}[damage])
+    with pytest.warns(UserWarning, match=r"skipped checkpoint step_0000003.pt: corrupt or truncated \(\w+\); moved aside to .*"
+                                         r"step_0000003.pt.corrupt \(not deleted\); resuming from step_0000002.pt"):
+        res = fit(cfg, max_steps=4, progress=False)
+    assert res.steps == 4 and (tmp_path / "run" / "checkpoints" / "step_0000003.pt.corrupt").exists()
+    # from step 2 on, as if nothing had happened: the same weights as a run never damaged
+    whole = fit(tiny(tmp_path / "whole", **{"train.ckpt_every": 1, "train.epochs": 2}), max_steps=4, progress=False)
+    a, b = (load_checkpoint(list_checkpoints(d)[-1]) for d in (tmp_path / "run", tmp_path / "whole"))
+    assert all(torch.equal(a["online"][k], b["online"][k]) for k in b["online"])

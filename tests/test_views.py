@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from relicv2.augment import MASK_FILLS, remove_background, sample_crop_boxes, swap_partners
-from relicv2.config import ViewsConfig
+from relicv2.augment import remove_background, sample_crop_boxes, swap_partners
+from relicv2.config import MASK_FILLS, ViewsConfig
 from relicv2.files import ConfigError
 from relicv2.views import ViewGenerator
 
