@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from relicv2 import data as rdata
+from relicv2 import items as ritems, synthetic as rsynthetic
 from relicv2.config import load_config, update
 from relicv2.distributed import DistEnv
 from relicv2.optim import lr_schedule
@@ -118,10 +118,10 @@ def bench_config(preset: str, overrides: list[str] | dict | None = None, fields:
 
 def synthetic_images(n: int, size: int, seed: int = 0):
     "`n` synthetic training images (uint8, exact masks) generated in memory: nothing is read or written on disk."
-    return rdata.SyntheticShapes("train", size=size, n=n, seed=seed, cache_dir=False)
+    return rsynthetic.SyntheticShapes("train", size=size, n=n, seed=seed, cache_dir=False)
 
 
-def random_batch(n: int, size: int, seed: int = 0) -> rdata.Batch:
+def random_batch(n: int, size: int, seed: int = 0) -> ritems.Batch:
     "A `Batch` of random uint8 images with a disc-shaped mask each: cheap at any size (memory does not depend on content)."
     g = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
@@ -129,13 +129,13 @@ def random_batch(n: int, size: int, seed: int = 0) -> rdata.Batch:
     c = torch.rand(n, 2, generator=g) * size * 0.5 + size * 0.25
     r = (torch.rand(n, generator=g) * 0.2 + 0.2) * size
     masks = ((xx - c[:, 0, None, None]) ** 2 + (yy - c[:, 1, None, None]) ** 2 < r[:, None, None] ** 2)[:, None].to(torch.uint8)
-    return rdata.Batch(images, masks, torch.ones(n, dtype=torch.bool), torch.full((n,), -1, dtype=torch.int64))
+    return ritems.Batch(images, masks, torch.ones(n, dtype=torch.bool), torch.full((n,), -1, dtype=torch.int64))
 
 
 def relicv2_loader(dataset, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0, pin_memory: bool = False):
     "The DataLoader `fit` builds: uint8 images and masks, collated; no workers (`data.num_workers=0`), views made later."
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=ResumableSampler(dataset, world_size, rank, seed),
-                                       drop_last=True, collate_fn=rdata.collate, num_workers=0, pin_memory=pin_memory)
+                                       drop_last=True, collate_fn=ritems.collate, num_workers=0, pin_memory=pin_memory)
 
 
 # ---------------------------------------------------------------- relicv2's training step
@@ -177,7 +177,7 @@ class ReLICv2Step:
         self.online.train(); self.target.train()
         self.step = 0
 
-    def __call__(self, batch: rdata.Batch, mark=None) -> float:
+    def __call__(self, batch: ritems.Batch, mark=None) -> float:
         "Train on one batch (on the device); `mark(name)` is called at the end of each part of `PARTS`. Returns the loss."
         loss, _, _ = train_step(self.parts, batch, min(self.step, len(self.parts.lrs) - 1), mark)
         self.step += 1

@@ -58,7 +58,8 @@ except ImportError as e:  # lightly is the reference, not a dependency of relicv
     raise SystemExit(f"byol_lightly.py: the reference needs lightly ({e}); install it with: pip install lightly") from None
 
 from relicv2.checkpoint import seed_everything
-from relicv2.config import ConfigError, load_config, parse_set, to_dict, update
+from relicv2.config import load_config, parse_set, to_dict, update
+from relicv2.files import ConfigError
 from relicv2.data import dataset_splits
 from relicv2.distributed import DistEnv
 from relicv2.encoder import resnet
@@ -216,7 +217,7 @@ def main(argv=None) -> int:
     end = total if a.max_steps is None else min(total, a.max_steps)
     model = build_model(cfg).to(device).train()
     optimizer = make_optimizer(model, cfg.optim)
-    loader = torch.utils.data.DataLoader(PerImageViews(dataset, ViewGenerator.from_config(v)), batch_size=tc.batch_size,
+    loader = torch.utils.data.DataLoader(PerImageViews(dataset, ViewGenerator(v)), batch_size=tc.batch_size,
                                          shuffle=True, drop_last=True, num_workers=workers, pin_memory=device.type == "cuda",
                                          generator=torch.Generator().manual_seed(tc.seed))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if tc.precision == "bf16" else nullcontext()

@@ -157,7 +157,7 @@ def main(argv=None) -> int:
     relic_loader = C.relicv2_loader(base, B, seed=cfg.train.seed, pin_memory=pin)
     relic_step = lambda batch: relic(batch.to(device, non_blocking=True))
     conv = LightlyStep(cfg, device)
-    conv_loader = torch.utils.data.DataLoader(PerImageViews(base, ViewGenerator.from_config(v)), batch_size=B, shuffle=True,
+    conv_loader = torch.utils.data.DataLoader(PerImageViews(base, ViewGenerator(v)), batch_size=B, shuffle=True,
                                               drop_last=True, num_workers=workers, pin_memory=pin, persistent_workers=False)
     t_relic, t_conv = [], []
     for _ in range(repeats):  # alternate, so that a change of machine load hits both sides

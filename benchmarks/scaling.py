@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import _common as C
-from relicv2 import data as rdata
+from relicv2 import items as ritems
 from relicv2.distributed import init_distributed, shutdown_distributed
 
 
@@ -136,7 +136,7 @@ def main(argv=None) -> int:
     # ---------------- batch size
     cfgs = {f"b{b}": C.update(cfg, {"train.batch_size": b}) for b in batches}
     data = C.random_batch(max(batches), cfg.data.image_size).to(device)
-    pick = lambda n: rdata.Batch(*(t[:n] for t in data))
+    pick = lambda n: ritems.Batch(*(t[:n] for t in data))
     ms = sweep(cfgs, device, {f"b{b}": pick(b) for b in batches}, warmup, steps or 5, repeats, sync)
     res = {f"{k}_step_ms": x for k, x in ms.items()}
     fit = lstsq([[1.0, b] for b in batches], [ms[f"b{b}"] for b in batches])

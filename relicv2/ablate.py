@@ -16,16 +16,16 @@ from pathlib import Path
 from typing import Optional
 
 from .config import RunConfig, preset, to_dict, update, PRESETS
-from .files import ConfigError, atomic_write, read_file
+from .files import ConfigError, atomic_write, provenance, read_file
 from .evaluate import BASELINES
 from .progress import ProgressArg, announce
 from .confirm import check_confirm, check_registration, verdicts
 from .suites import SUITE_FIELDS, run_suites, suite_rows, with_suites
 
 # %% auto #0
-__all__ = ['RESULT_FIELDS', 'AblationSpec', 'load_spec', 'spec_content', 'provenance', 'train_seconds', 'knn_curve',
-           'config_record', 'same_config', 'result_path', 'run_one', 'run_baseline', 'run_ablation', 'read_results',
-           'summarize', 'format_summary', 'plot_ablation', 'restore_runs']
+__all__ = ['RESULT_FIELDS', 'AblationSpec', 'load_spec', 'spec_content', 'train_seconds', 'knn_curve', 'config_record',
+           'same_config', 'result_path', 'run_one', 'run_baseline', 'run_ablation', 'read_results', 'summarize',
+           'format_summary', 'plot_ablation', 'restore_runs']
 
 # %% ../nbs/11_ablate.ipynb #d88f3810
 @dataclass
@@ -102,16 +102,6 @@ def spec_content(spec: AblationSpec) -> dict:
 
 # %% ../nbs/11_ablate.ipynb #edcae9e1
 RESULT_FIELDS = ["variant", "seed", "split", "knn_top1", "knn_top5", "linear_top1", "linear_top5", "steps", "train_s", "overrides"]
-
-def provenance() -> dict:
-    "Where and when a result was measured: CPU model, cores, math threads, torch version, device, UTC time."
-    import os, platform, datetime, torch
-    cpu = platform.processor() or platform.machine()
-    try: cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration): pass
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return {"machine": cpu, "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "gpu": gpu, "finished": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
 def train_seconds(metrics_path: str | Path, batch_size: int) -> float:
     "Seconds spent training the steps a run kept, from its metrics (resumed runs count each kept step once)."

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DistributedSampler
 
-from .config import RunConfig, atomic_write, to_dict
+from .config import RunConfig, to_dict
+from .files import atomic_write
 
 # %% auto #0
 __all__ = ['CKPT_FORMAT', 'ResumableSampler', 'list_checkpoints', 'save_checkpoint', 'remove_stale_temporaries',

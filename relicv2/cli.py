@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from .config import CONVERT_FORMATS, ConfigError, EvalConfig, RunConfig, SALIENCY_METHODS, atomic_write, load_config, to_dict, PRESETS, MAIN_PRESET
+from .config import CONVERT_FORMATS, EvalConfig, RunConfig, SALIENCY_METHODS, load_config, to_dict, PRESETS, MAIN_PRESET
+from .files import ConfigError, atomic_write
 from .progress import ProgressArg
 
 # %% auto #0

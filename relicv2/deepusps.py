@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import SALIENCY_METHODS, atomic_write
-from .data import ImageFolderMasked
+from .config import SALIENCY_METHODS
+from .files import atomic_write
+from .readers import ImageFolderMasked
 from .saliency import as_float_images, border_contrast, classical_saliency, resize, rgb_to_lab
 from .saliency import binarize, clean_mask, otsu_threshold, saliency_to_mask
 from .saliency_metrics import SaliencyMeter

@@ -12,8 +12,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import update
-from .data import Batch, from_config
-from .evaluate import PixelEncoder, _device_of, _to_input
+from .items import Batch
+from .data import from_config
+from .probes import _device_of, _to_input
+from .evaluate import PixelEncoder
 from .progress import ProgressArg, announce
 from .robustness import drawn, fit_probe, frozen_encoder, held_out_splits, load_items, n_classes_of
 

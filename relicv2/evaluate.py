@@ -13,69 +13,20 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from . import data as _data  # module attributes, looked up when called
-from .data import TensorImages, collate, dataset_splits, from_config as dataset_from_config
+from .items import TensorImages, collate
+from .data import dataset_splits, from_config as dataset_from_config
 from .config import LINEAR_SOLVERS, PROTOCOLS
 from .distributed import gather_shares, loader_workers, local_batchnorm, share
-from .probes import _check_int, _hits, _percent, _rank
-from .probes import LBFGS_DECAYS, knn_classify, lbfgs_probe, linear_probe  # moved to relicv2.probes; the old import path keeps working
+from .probes import _check_int, _device_of, _hits, _percent, _rank, _to_input, extract_features
+from .probes import LBFGS_DECAYS, knn_classify, lbfgs_probe, linear_probe
+from .official_eval import CentreCrops, augmented_linear_eval
 from .progress import ProgressArg, announce, track
 
 # %% auto #0
-__all__ = ['PIXEL_BUDGET', 'BASELINES', 'MONITOR_SEED', 'extract_features', 'balanced_accuracy', 'split_summary', 'evaluate',
-           'format_table', 'held_out_splits', 'resolve_splits', 'evaluate_from_config', 'check_eval_splits',
-           'PixelEncoder', 'initial_encoder', 'baseline_encoder', 'within_budget', 'table_notes', 'recalibrate_bn',
-           'monitor_subsets', 'Monitor']
-
-# %% ../nbs/10_eval.ipynb #a623e6e0
-def _device_of(module: nn.Module, device) -> torch.device:
-    "`device`, or the device of the module's first parameter or buffer (CPU for a module with neither)."
-    if device is not None: return torch.device(device)
-    p = next(iter(module.parameters()), None)
-    if p is None: p = next(iter(module.buffers()), None)
-    return p.device if p is not None else torch.device("cpu")
-
-def _to_input(images: Tensor,  # (B, 3, H, W) uint8
-              image_size: Optional[int],  # side of the output, or None: as is
-             ) -> Tensor:  # (B, 3, image_size, image_size) float in [0, 1]
-    "uint8 images to floats in [0, 1], resized whole (bilinear, antialiased) to image_size."
-    x = images.float().div_(255)
-    if image_size is not None and tuple(x.shape[-2:]) != (image_size, image_size):
-        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True).clamp_(0, 1)
-    return x
-
-# %% ../nbs/10_eval.ipynb #593226af
-@torch.no_grad()
-def extract_features(encoder: nn.Module,  # maps (B, 3, H, W) floats in [0, 1] to (B, D) features
-                     dataset: Dataset,  # yields (image uint8 (3, H, W), mask or None, label)
-                     *,
-                     image_size: Optional[int] = None,  # resize images to this side (None: as they come)
-                     batch_size: int = 256,  # images per forward pass
-                     device=None,  # where the encoder runs; None: the device of its parameters
-                     num_workers: int = 0,  # DataLoader workers
-                     dtype: Optional[torch.dtype] = None,  # autocast dtype (torch.bfloat16, torch.float16) or None: off
-                     progress: ProgressArg = False,  # see `relicv2.progress.progress_mode`
-                     desc: str = "features",  # the phase's name in the progress output
-                     keep_on_device: bool = False,  # leave features and labels on the encoder's device (the probes then run there)
-                    ) -> tuple[Tensor, Tensor]:  # (N, D) float32 features and (N,) int64 labels, on the CPU unless kept
-    "Features of every image of `dataset` from the frozen encoder (eval mode, no grad), and the labels."
-    if len(dataset) == 0: raise ValueError("dataset must not be empty")
-    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
-        raise ValueError(f"image_size must be an int >= 1 or None, got {image_size!r}")
-    _check_int("batch_size", batch_size)
-    dev = _device_of(encoder, device)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate,
-                        pin_memory=dev.type == "cuda")
-    feats, labels, was_training = [], [], encoder.training
-    encoder.eval()
-    try:
-        for batch in track(loader, desc, progress, unit="batch", lines=1, announce=False, leave=False):
-            x = _to_input(batch.images.to(dev, non_blocking=True), image_size)
-            with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
-                f = encoder(x).float()
-            feats.append(f if keep_on_device else f.cpu())
-            labels.append(batch.labels.to(dev, non_blocking=True) if keep_on_device else batch.labels)
-    finally: encoder.train(was_training)
-    return torch.cat(feats), torch.cat(labels)
+__all__ = ['PIXEL_BUDGET', 'BASELINES', 'MONITOR_SEED', 'balanced_accuracy', 'split_summary', 'evaluate', 'format_table',
+           'held_out_splits', 'resolve_splits', 'evaluate_from_config', 'check_eval_splits', 'PixelEncoder',
+           'initial_encoder', 'baseline_encoder', 'within_budget', 'table_notes', 'recalibrate_bn', 'monitor_subsets',
+           'Monitor']
 
 # %% ../nbs/10_eval.ipynb #2ef50bca
 def _right(pred: Tensor, y: Tensor, n_classes: int) -> Tensor:
@@ -227,7 +178,6 @@ def evaluate_from_config(encoder: nn.Module,  # the frozen encoder
     e, workers = cfg.eval, loader_workers(cfg.data, _device_of(encoder, device))[0]  # on a GPU: at least data.gpu_workers
     if e.protocol not in PROTOCOLS: raise ValueError(f"eval.protocol must be one of {', '.join(map(repr, PROTOCOLS))}, got {e.protocol!r}")
     if e.protocol == "augmented":  # the images at their own size: the crops are taken from the whole of each
-        from relicv2.official_eval import CentreCrops, augmented_linear_eval  # here: that module imports this one
         if e.linear_solver != "sgd": raise ValueError(f"eval.protocol 'augmented' trains its probe by SGD: set eval.linear_solver=sgd (got {e.linear_solver!r})")
         def split_set(s): return dataset_from_config(cfg.data, s, masks=False, image_size=None, **dataset_kw)
         train_set = split_set("train")
@@ -409,13 +359,3 @@ class Monitor:
                                     temperature=self.cfg.eval.knn_temperature)["top1"] for s, part in self.tests.items()}
         first, *others = top1
         return {"knn_top1": top1[first], "monitor_split": first, **{f"knn_top1_{s}": top1[s] for s in others}}
-
-# %% ../nbs/10_eval.ipynb #9685a89e
-_MOVED = ("AUGMENTED_SCALE", "CENTRE_CROP", "RandomCrops", "CentreCrops", "PROBE_FORMAT", "encoder_fingerprint", "augmented_linear_eval")
-
-def __getattr__(name: str):
-    "The official protocol's names, moved to `relicv2.official_eval`, still importable from here (read when first asked for)."
-    if name in _MOVED:
-        from relicv2 import official_eval
-        return getattr(official_eval, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 # %% auto #0
-__all__ = ['ConfigError', 'atomic_write', 'read_file']
+__all__ = ['ConfigError', 'atomic_write', 'read_file', 'provenance']
 
 # %% ../nbs/00b_files.ipynb #e2a4f6c8
 class ConfigError(ValueError):
@@ -66,3 +66,14 @@ def read_file(path: str | Path,  # a `.yaml`, `.yml` or `.json` file holding a m
     if data is None: return {}
     if not isinstance(data, dict): raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
     return data
+
+# %% ../nbs/00b_files.ipynb #1e0c0b02
+def provenance() -> dict:
+    "Where and when a result was measured: CPU model, cores, math threads, torch version, device, UTC time."
+    import os, platform, datetime, torch
+    cpu = platform.processor() or platform.machine()
+    try: cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration): pass
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"machine": cpu, "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "gpu": gpu, "finished": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.utils.data import Subset
 
 from .data import from_config, item_labels
-from .evaluate import extract_features
+from .probes import extract_features
 from .progress import ProgressArg, announce
 from .robustness import drawn, fit_probe, frozen_encoder, held_out_splits, n_classes_of, top1
 

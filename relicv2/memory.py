@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import ConfigError, EncoderConfig, HeadConfig, RunConfig, ViewsConfig
+from .config import EncoderConfig, HeadConfig, RunConfig, ViewsConfig
+from .files import ConfigError
 from .networks import build_networks
 
 # %% auto #0

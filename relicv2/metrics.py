@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .config import atomic_write
+from .files import atomic_write
 
 # %% auto #0
 __all__ = ['MetricsLog', 'plot_metrics', 'stored_loss']

@@ -13,10 +13,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from .augment import resized_crop, sample_crop_boxes
-from .config import atomic_write
-from .data import collate
-from .evaluate import _device_of, _to_input, extract_features
-from .probes import _check_int, _check_sgd, _hits, _percent, _rank, _sgd_setup, _sgd_step
+from .files import atomic_write
+from .items import collate
+from .probes import _check_int, _check_sgd, _device_of, _hits, _percent, _rank, _sgd_setup, _sgd_step, _to_input, extract_features
 from .progress import Progress, ProgressArg
 
 # %% auto #0

@@ -18,7 +18,8 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from .config import CONVERT_FORMATS, atomic_write
+from .config import CONVERT_FORMATS
+from .files import atomic_write
 from .encoder import LAYOUTS, TORCHVISION_ARCHS, BasicBlock, ResNet, resnet, state_dict_mismatch, torchvision_resnet
 
 # %% auto #0

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .data import TensorImages, resize_center_crop
+from .items import TensorImages, resize_center_crop
 
 # %% auto #0
 __all__ = ['FASHION_MNIST_ROOT', 'FASHION_MNIST_CLASSES', 'VAL_SEED', 'VAL_ONE_IN', 'IMG_EXTENSIONS', 'DECODE_MODES', 'read_idx',

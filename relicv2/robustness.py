@@ -13,8 +13,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
-from .data import Batch, TensorImages, collate, dataset_splits, from_config
-from .evaluate import extract_features, recalibrate_bn
+from .items import Batch, TensorImages, collate
+from .data import dataset_splits, from_config
+from .probes import extract_features
+from .evaluate import recalibrate_bn
 from .probes import _hits, _percent, _rank, lbfgs_probe, linear_probe
 from .progress import ProgressArg, announce
 

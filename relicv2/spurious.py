@@ -11,7 +11,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .data import FAMILIES, SHAPES, TensorImages, _block_seed, shape_mask, texture
+from .items import TensorImages
+from .synthetic import FAMILIES, SHAPES, _block_seed, shape_mask, texture
 
 # %% auto #0
 __all__ = ['CLASSES', 'BACKGROUNDS', 'DARK', 'LIGHT', 'FOREGROUND', 'SPLITS', 'SPLIT_SIZES', 'SHAPE_AREA', 'SHAPE_REACH',
@@ -19,7 +20,7 @@ __all__ = ['CLASSES', 'BACKGROUNDS', 'DARK', 'LIGHT', 'FOREGROUND', 'SPLITS', 'S
            'SpuriousShapes', 'colour_histograms', 'colour_retrieval', 'validity_report']
 
 # %% ../nbs/01a_spurious.ipynb #a1000007
-CLASSES = ("disc", "square", "triangle", "cross", "ring", "star", "crescent", "L-shape", "bar", "arrow")  # of relicv2.data.SHAPES
+CLASSES = ("disc", "square", "triangle", "cross", "ring", "star", "crescent", "L-shape", "bar", "arrow")  # of relicv2.synthetic.SHAPES
 _SHAPE_KINDS = tuple(SHAPES.index(c) for c in CLASSES)
 BACKGROUNDS = ("stripes", "checkerboard", "dots", "holes", "blotches", "halves", "waves", "grid", "rings", "speckle")
 _TEXTURE_OF = {"holes": ("dots", True), "halves": ("gradient", False)}  # the others are the family of that name, not inverted

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import atomic_write
-from .data import TensorImages
+from .files import atomic_write
+from .items import TensorImages
 
 # %% auto #0
 __all__ = ['SHAPES', 'FAMILIES', 'SPLITS', 'DEFAULT_SPLIT_SIZES', 'BLOCK', 'GENERATOR_VERSION', 'shape_mask', 'texture',

@@ -25,9 +25,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from .config import ConfigError, RunConfig, save_config, to_dict
+from .config import RunConfig, save_config, to_dict
+from .files import ConfigError
 from .evaluate import Monitor  # the kNN learning curve (10_eval)
 from . import data as rdata
+from . import items as ritems
 from .checkpoint import (CheckpointError, ResumableSampler, check_resumable, list_checkpoints,
                                 load_checkpoint, make_generators, remove_stale_temporaries, rng_state, save_checkpoint,
                                 seed_everything, set_rng_state)
@@ -218,7 +220,7 @@ def build_step(cfg: RunConfig,  # the run
     "The networks, loss, optimiser, schedules and generators of a run, on its device, in the order `fit` seeds them."
     tc, dev = cfg.train, env.device
     check_trace_terms(cfg)
-    views = ViewGenerator.from_config(cfg.views)
+    views = ViewGenerator(cfg.views)
     objective = cfg.loss.objective
     online, target = build_networks(cfg.encoder, cfg.heads, predictor=objective != "simclr")
     if objective == "simclr": target = None  # online against online: no EMA network, no predictor
@@ -242,7 +244,7 @@ def build_step(cfg: RunConfig,  # the run
 def _no_mark(name: str) -> None: pass
 
 def train_step(p: StepParts,  # from `build_step`
-               batch: rdata.Batch,  # this process's images (uint8), masks and labels, on the device
+               batch: ritems.Batch,  # this process's images (uint8), masks and labels, on the device
                step: int,  # index into the schedules
                mark: Optional[Callable[[str], None]] = None,  # called with 'views', 'forward', 'loss', 'backward', 'optimizer', 'ema'
                trace: bool = False,  # also each term's gradient norm at the encoder (`trace_terms`); the step is the same
@@ -331,7 +333,7 @@ def make_loader(dataset: torch.utils.data.Dataset, cfg: RunConfig, env: DistEnv)
     sampler = ResumableSampler(dataset, env.world_size, env.rank, cfg.train.seed)
     workers, pin = loader_workers(cfg.data, env.device)  # on a GPU: decoding in workers, pinned memory (08_distributed)
     loader = DataLoader(dataset, batch_size=cfg.train.batch_size // env.world_size, sampler=sampler, drop_last=True,
-                        collate_fn=rdata.collate, num_workers=workers, pin_memory=pin, persistent_workers=False)
+                        collate_fn=ritems.collate, num_workers=workers, pin_memory=pin, persistent_workers=False)
     return sampler, loader
 
 def batches_from(loader: DataLoader,  # from `make_loader`
@@ -339,7 +341,7 @@ def batches_from(loader: DataLoader,  # from `make_loader`
                  step: int,  # the first step to feed (a resumed run's checkpoint step)
                  end: int,  # the step to stop at
                  steps_per_epoch: int,
-                ) -> Iterator[tuple[int, rdata.Batch]]:
+                ) -> Iterator[tuple[int, ritems.Batch]]:
     "(epoch, batch) for steps `step` to `end - 1`: the rest of the current epoch first, then whole epochs."
     while step < end:
         epoch = step // steps_per_epoch
@@ -349,13 +351,13 @@ def batches_from(loader: DataLoader,  # from `make_loader`
             step += 1
             if step >= end: return
 
-def to_device(batch: rdata.Batch,  # from the loader, on the host (pinned on a GPU)
+def to_device(batch: ritems.Batch,  # from the loader, on the host (pinned on a GPU)
               device: torch.device,  # this process's training device
               masks: bool = True,  # False: the views read no masks (`StepParts.masks`), so none is copied
-             ) -> rdata.Batch:  # the batch on `device`; masks and has_mask None unless `masks`
+             ) -> ritems.Batch:  # the batch on `device`; masks and has_mask None unless `masks`
     "This process's batch on its device, without the masks when the views will not read them."
     if masks: return batch.to(device, non_blocking=True)
-    return rdata.Batch(batch.images.to(device, non_blocking=True), None, None, batch.labels.to(device, non_blocking=True))
+    return ritems.Batch(batch.images.to(device, non_blocking=True), None, None, batch.labels.to(device, non_blocking=True))
 
 # %% ../nbs/09_train.ipynb #9b000005
 def _last_good(path: Optional[Path]) -> str:

@@ -16,7 +16,6 @@ from torch import Tensor
 from .augment import Scratch, _constant, _empty, _jitter_groups, _rows, _uniform, blur_kernel_size, gaussian_blur
 from .augment import jitter_keys, remove_background, resized_crop_mask, resized_crops, row_groups, sample_crop_boxes
 from .augment import solarize, to_grayscale
-from .augment import MASK_FILLS, resized_crop, swap_partners  # moved to relicv2.augment; old import paths kept
 from .config import RunConfig, ViewsConfig, update
 
 # %% auto #0
@@ -61,11 +60,6 @@ class ViewGenerator:
     def _scratch_for(self, x: Tensor) -> Optional[Scratch]:
         "The generator's scratch memory for CPU tensors; on a GPU the caching allocator already reuses memory."
         return self._scratch if x.device.type == "cpu" else None
-
-    @classmethod
-    def from_config(cls, cfg: ViewsConfig, **overrides) -> ViewGenerator:
-        "`ViewGenerator(cfg, **overrides)`, by its older name."
-        return cls(cfg, **overrides)
 
     def __repr__(self):
         return f"ViewGenerator({', '.join(f'{k}={v!r}' for k, v in dataclasses.asdict(self.cfg).items())})"

@@ -18,7 +18,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the run (default: torch's own choice)")
     p.add_argument("--out", default=str(ROOT / "experiments" / "results" / "main_job.json"))
     args = p.parse_args(argv)
-    from relicv2.ablate import provenance
+    from relicv2.files import provenance
     from relicv2.files import atomic_write
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
     with tempfile.TemporaryDirectory() as d:

@@ -9,8 +9,9 @@ Usage: python scripts/spurious_validity.py [--runs runs/ablation/spurious_validi
 import argparse, csv, json, sys, time
 from pathlib import Path
 
-from relicv2.ablate import provenance
-from relicv2.config import atomic_write, preset
+from relicv2.files import provenance
+from relicv2.config import preset
+from relicv2.files import atomic_write
 from relicv2.spurious import colour_retrieval, generate_spurious, validity_report
 from relicv2.views import ViewGenerator
 
@@ -28,7 +29,7 @@ def main(argv=None) -> int:
         if not f.is_file(): sys.exit(f"{f} not found: run relicv2-ablate experiments/spurious_validity.yaml first")
     rows = list(csv.DictReader(table.open()))
     t0 = time.perf_counter()
-    views = ViewGenerator.from_config(preset("spurious").views, n_large=2, n_small=0)
+    views = ViewGenerator(preset("spurious").views, n_large=2, n_small=0)
     retrieval = colour_retrieval(generate_spurious("train", n=2048)["images"], views)
     split_in, _, split_ood = args.splits.partition(",")
     report = validity_report(rows, retrieval, splits={"in": split_in, "ood": split_ood})

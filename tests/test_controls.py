@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from relicv2.config import preset, update
-from relicv2.data import TensorImages, from_config
+from relicv2.items import TensorImages
+from relicv2.data import from_config
 from relicv2.distributed import DistEnv
 from relicv2.mask_controls import control_masks, degraded_masks, wrong_masks
-from relicv2.mask_tree import SaliencyMasked
+from relicv2.data import SaliencyMasked
 from relicv2.saliency_metrics import iou_score
 from relicv2.spurious import SpuriousShapes
 from relicv2.train import training_set

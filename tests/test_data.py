@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from relicv2 import data as D, readers as R, synthetic as S
+from relicv2 import data as D, items as I, readers as R, synthetic as S
 from relicv2.config import DataConfig
 
 
@@ -218,34 +218,34 @@ def test_synthetic_dataset_items(tmp_path):
 # --------------------------------------------------------------------------------------------------------- collate
 def test_collate_mixed_masks_and_loader_with_workers(tmp_path):
     ds = S.SyntheticShapes("test", size=16, n=12, cache_dir=tmp_path)
-    nomask = D.TensorImages(ds.images, ds.labels)
+    nomask = I.TensorImages(ds.images, ds.labels)
     items = [ds[0], nomask[1], ds[2]]
-    b = D.collate(items)
+    b = I.collate(items)
     assert b.images.shape == (3, 3, 16, 16) and b.masks.shape == (3, 1, 16, 16)
     assert b.has_mask.tolist() == [True, False, True] and b.has_mask.dtype == torch.bool
     assert b.masks[1].sum() == 0 and torch.equal(b.masks[0], ds.masks[0])
     assert b.labels.dtype == torch.int64 and b.labels.tolist() == [0, 1, 2]
-    assert isinstance(b.to("cpu", non_blocking=True), D.Batch)
-    dl = DataLoader(ds, batch_size=4, num_workers=2, collate_fn=D.collate, pin_memory=False)
+    assert isinstance(b.to("cpu", non_blocking=True), I.Batch)
+    dl = DataLoader(ds, batch_size=4, num_workers=2, collate_fn=I.collate, pin_memory=False)
     batches = list(dl)
-    assert len(batches) == 3 and all(isinstance(x, D.Batch) for x in batches)
+    assert len(batches) == 3 and all(isinstance(x, I.Batch) for x in batches)
     assert torch.equal(torch.cat([x.images for x in batches]), ds.images)
 
 
 def test_collate_bad_items():
     img = torch.zeros(3, 4, 4, dtype=torch.uint8)
-    with pytest.raises(ValueError, match="image_size"): D.collate([(img, None, 0), (torch.zeros(3, 4, 5, dtype=torch.uint8), None, 0)])
-    with pytest.raises(ValueError, match="image_size"): D.collate([(torch.zeros(1, 4, 4, dtype=torch.uint8), None, 0)])
-    with pytest.raises(TypeError, match="uint8"): D.collate([(img.float(), None, 0)])
-    with pytest.raises(ValueError, match="mask of shape"): D.collate([(img, torch.zeros(1, 3, 4, dtype=torch.uint8), 0)])
-    with pytest.raises(ValueError, match="mask of shape"): D.collate([(img, torch.zeros(1, 4, 4), 0)])
+    with pytest.raises(ValueError, match="image_size"): I.collate([(img, None, 0), (torch.zeros(3, 4, 5, dtype=torch.uint8), None, 0)])
+    with pytest.raises(ValueError, match="image_size"): I.collate([(torch.zeros(1, 4, 4, dtype=torch.uint8), None, 0)])
+    with pytest.raises(TypeError, match="uint8"): I.collate([(img.float(), None, 0)])
+    with pytest.raises(ValueError, match="mask of shape"): I.collate([(img, torch.zeros(1, 3, 4, dtype=torch.uint8), 0)])
+    with pytest.raises(ValueError, match="mask of shape"): I.collate([(img, torch.zeros(1, 4, 4), 0)])
 
 
 def test_tensor_images_bad_input():
-    with pytest.raises(ValueError, match="uint8"): D.TensorImages(torch.zeros(2, 3, 4, 4), torch.zeros(2))
-    with pytest.raises(ValueError, match="labels"): D.TensorImages(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), torch.zeros(3))
+    with pytest.raises(ValueError, match="uint8"): I.TensorImages(torch.zeros(2, 3, 4, 4), torch.zeros(2))
+    with pytest.raises(ValueError, match="labels"): I.TensorImages(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), torch.zeros(3))
     with pytest.raises(ValueError, match="masks"):
-        D.TensorImages(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), torch.zeros(2), masks=torch.zeros(2, 1, 4, 5, dtype=torch.uint8))
+        I.TensorImages(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), torch.zeros(2), masks=torch.zeros(2, 1, 4, 5, dtype=torch.uint8))
 
 
 # ------------------------------------------------------------------------------------------------------ ImageFolder
@@ -355,7 +355,7 @@ def test_masks_found_missing_and_binarised(tmp_path):
     assert ds[1][1] is None  # no mask file: no mask
     write(masks / "train" / "a" / "1.png", png_bytes(m // 255))  # {0, 1} masks are accepted as they are
     assert torch.equal(R.ImageFolderMasked(root, "train", masks_root=masks)[1][1], m // 255)
-    b = D.collate([ds[0], ds[1]])
+    b = I.collate([ds[0], ds[1]])
     assert b.has_mask.tolist() == [True, False]
 
 
@@ -399,9 +399,9 @@ def test_resize_keeps_mask_aligned(tmp_path):
     write(tmp_path / "r" / "train" / "c" / "y.png", png_bytes(rand_img(3, 40, 20)))  # another size
     write(tmp_path / "m" / "train" / "c" / "x.png", png_bytes(m))
     with pytest.raises(ValueError, match="image_size"):
-        D.collate([R.ImageFolderMasked(tmp_path / "r", "train")[i] for i in range(2)])
+        I.collate([R.ImageFolderMasked(tmp_path / "r", "train")[i] for i in range(2)])
     ds = R.ImageFolderMasked(tmp_path / "r", "train", masks_root=tmp_path / "m", image_size=24)
-    b = D.collate([ds[0], ds[1]])
+    b = I.collate([ds[0], ds[1]])
     assert b.images.shape == (2, 3, 24, 24)
     bright = b.images[0, 0] > 127
     assert (bright == b.masks[0, 0].bool()).float().mean() > 0.97
@@ -564,8 +564,9 @@ def test_from_config(tmp_path):
 def test_from_config_masks_source(tmp_path):
     "data.masks: the dataset's own masks, none, or masks computed from the pixels (training only; evaluation computes none)."
     from dataclasses import replace
-    from relicv2.config import ConfigError, preset, update
-    from relicv2.mask_tree import SaliencyMasked
+    from relicv2.config import preset, update
+    from relicv2.files import ConfigError
+    from relicv2.data import SaliencyMasked
     cfg = DataConfig(dataset="spurious", image_size=24, synthetic_size=24, synthetic_train=16, masks="border")
     ds = D.from_config(cfg, "train")
     assert isinstance(ds, SaliencyMasked) and len(ds) == 16 and D.mask_count(ds) == ds.n_masks > 8
@@ -585,17 +586,6 @@ def test_from_config_masks_source(tmp_path):
     assert update(preset("tiny"), {"data.masks": "deepusps:w.pt"}).data.masks == "deepusps:w.pt"
 
 
-# ------------------------------------------------------------------------------------------------ module layering
-@pytest.mark.parametrize("first", ["relicv2.synthetic", "relicv2.readers", "relicv2.data"])
-def test_modules_import_alone_and_data_keeps_the_moved_names(first):
-    "Each data module imports first in a fresh process (no import cycle); relicv2.data still offers every moved name."
-    import subprocess, sys
-    code = (f"import {first}, relicv2.data as D, importlib\n"
-            "bad = [n for m, ns in D._MOVED.items() for n in ns if getattr(D, n) is not getattr(importlib.import_module(m), n)]\n"
-            "assert not bad, bad")
-    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-
 def test_mask_count_of_every_kind_and_of_subsets(tmp_path):
     "mask_count reads `n_masks` (and `has_mask` for a Subset of a dataset where only some images have a mask)."
     root = tree(tmp_path, n_per_class=2)
@@ -603,8 +593,8 @@ def test_mask_count_of_every_kind_and_of_subsets(tmp_path):
     ds = R.ImageFolderMasked(root, "train", masks_root=tmp_path / "m")
     assert D.mask_count(ds) == ds.n_masks == 1 and ds.has_mask.tolist() == [False, True, False, False]
     assert D.mask_count(torch.utils.data.Subset(ds, [1, 2])) == 1 and D.mask_count(torch.utils.data.Subset(ds, [0, 3])) == 0
-    ti = D.TensorImages(torch.zeros(4, 3, 4, 4, dtype=torch.uint8), torch.zeros(4), masks=torch.zeros(4, 1, 4, 4, dtype=torch.uint8))
+    ti = I.TensorImages(torch.zeros(4, 3, 4, 4, dtype=torch.uint8), torch.zeros(4), masks=torch.zeros(4, 1, 4, 4, dtype=torch.uint8))
     assert D.mask_count(ti) == 4 and D.mask_count(torch.utils.data.Subset(ti, [0, 2])) == 2
-    plain = D.TensorImages(ti.images, ti.labels)
+    plain = I.TensorImages(ti.images, ti.labels)
     assert D.mask_count(plain) == 0 and D.mask_count(torch.utils.data.Subset(plain, [1])) == 0
     assert D.mask_count([1, 2]) is None and D.mask_count(torch.utils.data.Subset(torch.utils.data.Subset(ti, [0, 1]), [0])) is None

@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from relicv2.config import preset
-from relicv2.data import TensorImages
+from relicv2.items import TensorImages
 from relicv2.encoder import resnet
-from relicv2.evaluate import evaluate, evaluate_from_config, extract_features, format_table
+from relicv2.probes import extract_features
+from relicv2.evaluate import evaluate, evaluate_from_config, format_table
 from relicv2.probes import knn_classify, linear_probe
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -341,7 +342,7 @@ def test_centre_crop_of_the_output_size_is_the_central_slice(h, w, fraction):
 
 def test_random_crops_are_a_function_of_seed_epoch_and_index_even_across_workers():
     from torch.utils.data import DataLoader
-    from relicv2.data import collate
+    from relicv2.items import collate
     crops = RandomCrops(_images(12), 16, seed=3)
     crops.set_epoch(2)
     alone = torch.stack([crops[i][0] for i in range(12)])
@@ -353,7 +354,7 @@ def test_random_crops_are_a_function_of_seed_epoch_and_index_even_across_workers
 
 
 def test_random_crops_of_images_of_any_size_batch_together():
-    from relicv2.data import collate
+    from relicv2.items import collate
     items = [RandomCrops(_images(1, h, w, seed=h), 24)[0] for h, w in ((20, 50), (64, 18), (24, 24))]
     assert collate(items).images.shape == (3, 3, 24, 24)
 
@@ -442,28 +443,8 @@ def test_evaluate_from_config_augmented_protocol():
         evaluate_from_config(resnet("resnet18", 0.0625, True), update(cfg, {"eval.linear_solver": "lbfgs"}))
 
 
-def test_the_moved_names_keep_their_old_import_path():
-    import relicv2.evaluate as ev
-    import relicv2.official_eval as oe
-    from relicv2.evaluate import augmented_linear_eval as old_path
-    assert old_path is augmented_linear_eval
-    assert ev._MOVED and all(getattr(ev, n) is getattr(oe, n) for n in ev._MOVED)
-    with pytest.raises(AttributeError, match="no_such_name"): ev.no_such_name
-    import relicv2.probes as pr
-    from relicv2.evaluate import LBFGS_DECAYS, knn_classify as knn_old, lbfgs_probe, linear_probe as probe_old
-    assert (knn_old, probe_old, lbfgs_probe, LBFGS_DECAYS) == (pr.knn_classify, pr.linear_probe, pr.lbfgs_probe, pr.LBFGS_DECAYS)
-
-
-def test_official_eval_imports_first_in_a_fresh_interpreter():
-    "Either module may be imported first: relicv2.official_eval imports relicv2.evaluate, which reads it back only lazily."
-    import subprocess, sys
-    for first in ("relicv2.official_eval", "relicv2.evaluate"):
-        code = f"import {first}; from relicv2.evaluate import RandomCrops, evaluate_from_config; from relicv2.official_eval import _sgd_setup"
-        subprocess.run([sys.executable, "-c", code], check=True)
-
-
 def test_probes_sit_below_evaluate():
-    "relicv2.probes imports neither relicv2.evaluate nor relicv2.official_eval: the layering is probes < evaluate < official_eval."
+    "relicv2.probes imports neither relicv2.evaluate nor relicv2.official_eval: the layering is probes < official_eval < evaluate."
     import subprocess, sys
     code = "import sys, relicv2.probes; assert not {'relicv2.evaluate', 'relicv2.official_eval'} & set(sys.modules), sorted(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -39,7 +39,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 
 import relicv2.distributed as rdist
 import relicv2.train as train
-from relicv2 import data as rdata
+from relicv2 import items as ritems
 from relicv2.config import preset, update
 from relicv2.distributed import DistEnv, init_distributed
 
@@ -246,9 +246,9 @@ def fake_cuda_step(world_size: int = 1):
         yield mode
 
 
-def fake_batch(b: int, size: int) -> rdata.Batch:
+def fake_batch(b: int, size: int) -> ritems.Batch:
     "A batch as the loader gives it, on fake cuda:0: uint8 images, uint8 masks in {0, 1}, every image with a mask."
-    return rdata.Batch(torch.empty(b, 3, size, size, dtype=torch.uint8, device=CUDA0),
+    return ritems.Batch(torch.empty(b, 3, size, size, dtype=torch.uint8, device=CUDA0),
                        torch.empty(b, 1, size, size, dtype=torch.uint8, device=CUDA0),
                        torch.ones(b, dtype=torch.bool, device=CUDA0), torch.full((b,), -1, dtype=torch.long, device=CUDA0))
 
@@ -350,7 +350,8 @@ def test_the_counter_counts_what_waits_for_the_device():
 def test_fit_refuses_a_batch_that_cannot_fit_its_gpu_before_any_work(tmp_path, monkeypatch):
     # fit's first check on a CUDA device (08c_memory's estimate): one line naming the batch that would fit, no run folder
     import relicv2.train as T
-    from relicv2.config import ConfigError, preset, update
+    from relicv2.config import preset, update
+    from relicv2.files import ConfigError
     from relicv2.distributed import DistEnv
     monkeypatch.setattr(T, "device_memory", lambda device: 4 * 2**30)  # a 4 GiB card
     cfg = update(preset("paper-1gpu"), {"train.out_dir": str(tmp_path / "run")})
@@ -384,7 +385,7 @@ def fake_cuda_eval():
 
 
 def _images(n: int, seed: int):
-    from relicv2.data import TensorImages
+    from relicv2.items import TensorImages
     g = torch.Generator().manual_seed(seed)
     return TensorImages(torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8, generator=g), torch.arange(n) % 4)
 
@@ -474,7 +475,7 @@ def test_without_masks_no_mask_is_copied_or_read():
     with fake_cuda_step():
         p = train.build_step(cfg, env, 0, 10)
         p.masks = False
-        host = rdata.Batch(torch.zeros(16, 3, 16, 16, dtype=torch.uint8), torch.zeros(16, 1, 16, 16, dtype=torch.uint8),
+        host = ritems.Batch(torch.zeros(16, 3, 16, 16, dtype=torch.uint8), torch.zeros(16, 1, 16, 16, dtype=torch.uint8),
                            torch.zeros(16, dtype=torch.bool), torch.full((16,), -1))
         with SyncCounter() as sync:
             batch = train.to_device(host, CUDA0, p.masks)
@@ -486,7 +487,7 @@ def test_without_masks_no_mask_is_copied_or_read():
 
 def test_a_gpu_run_loads_with_workers_into_pinned_memory_and_sets_cudnn_and_tf32(tmp_path, monkeypatch):
     import relicv2.train as T
-    from relicv2.config import ConfigError
+    from relicv2.files import ConfigError
     ds = torch.utils.data.TensorDataset(torch.zeros(32))
     cfg = update(preset("tiny"), {"train.tf32": False, "train.out_dir": str(tmp_path / "run")})
     with fake_cuda_present(1), mock.patch("os.sched_getaffinity", lambda pid: set(range(16)), create=True):

@@ -39,7 +39,7 @@ def fixed_views() -> dict:
     cfg = preset("demo")
     ds = from_config(cfg.data, "train", masks=False)
     images = torch.stack([ds[i][0] for i in range(8)])
-    views = ViewGenerator.from_config(cfg.views)(images, generator=torch.Generator().manual_seed(0))
+    views = ViewGenerator(cfg.views)(images, generator=torch.Generator().manual_seed(0))
     tensors = [*views.large, *views.small]
     sha = hashlib.sha256(b"".join(t.contiguous().numpy().tobytes() for t in tensors)).hexdigest()
     stats = [[float(t.mean()), float(t.std()), float(t[:, :, ::7, ::7].sum())] for t in tensors]

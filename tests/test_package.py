@@ -160,3 +160,22 @@ def test_every_literal_of_the_package_is_made_from_a_tuple():
                     and not isinstance(node.slice, (ast.Name, ast.Attribute))):
                 found.append(f"{path.name}:{node.lineno}")
     assert not found, found
+def test_every_module_imports_in_a_fresh_interpreter():
+    # each module of the package imports (the graph test below makes the order irrelevant: no module needs another first)
+    mods = sorted(p.stem for p in (ROOT / "relicv2").glob("*.py") if not p.stem.startswith("_"))
+    code = "import importlib, sys\nfor m in sys.argv[1:]: importlib.import_module('relicv2.' + m)"
+    r = subprocess.run([sys.executable, "-c", code, *mods], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_import_graph_has_no_circle_and_no_arrow_running_up():
+    # every import of a relicv2 module, at the top of a file or inside a function, runs down to a lower floor
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import layers
+    g = layers.import_graph(ROOT / "relicv2")
+    assert "items" in g and g["items"] == {}, g.get("items")  # the ground floor of the datasets imports nothing of ours
+    assert layers.sccs(g) == [], layers.sccs(g)
+    assert layers.upward(g) == [], layers.upward(g)
+    # the datasets build on relicv2.items, never on the registry; the evaluation modules share the probes' features
+    for m in ("readers", "synthetic", "spurious", "deepusps"): assert "data" not in g[m], (m, g[m])
+    assert "evaluate" not in g["official_eval"] and "official_eval" not in g["probes"], (g["official_eval"], g["probes"])

@@ -13,12 +13,14 @@ from relicv2.readers import _decode, encode_image
 def write_png(img, path): Path(path).write_bytes(encode_image(img, "PNG"))
 def write_jpeg(img, path, quality=95): Path(path).write_bytes(encode_image(img, "JPEG", quality=quality))
 
-from relicv2.data import ImageFolderMasked, SyntheticShapes
+from relicv2.synthetic import SyntheticShapes
+from relicv2.readers import ImageFolderMasked
 from relicv2.saliency import CLASSICAL, binarize, clean_mask, otsu_threshold, saliency_to_mask
 from relicv2.saliency_metrics import SaliencyMeter, fbeta_adaptive, fbeta_max, iou_score, mae_score, pr_curves
 from relicv2.deepusps import (METHODS, SaliencyUNet, compute_saliency, deepusps_saliency, evaluate_methods, load_deepusps,
                               masks_at_size, save_deepusps, train_deepusps)
-from relicv2.mask_tree import LOG, MANIFEST, SaliencyMasked, write_masks
+from relicv2.data import SaliencyMasked
+from relicv2.mask_tree import LOG, MANIFEST, write_masks
 from relicv2.cli import saliency_main
 
 ALL = [*CLASSICAL, "fusion"]
@@ -366,7 +368,7 @@ def test_cli_train_then_deepusps_masks_and_evaluate(synth, tmp_path):
 
 
 def test_saliency_masked_equals_masks_at_size_and_drops_unusable(synth, tiny_model, tmp_path):
-    from relicv2.data import TensorImages
+    from relicv2.items import TensorImages
     imgs = synth[0].clone(); imgs[0] = 128  # a constant image: no usable mask
     ds = TensorImages(imgs, torch.arange(len(imgs)) % 3, synth[1], classes=["a", "b", "c"])
     w = save_deepusps(tiny_model, tmp_path / "w.pt")

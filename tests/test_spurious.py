@@ -10,7 +10,8 @@ import yaml
 
 from relicv2.ablate import AblationSpec, run_ablation
 from relicv2.config import preset
-from relicv2.data import SyntheticShapes, make_dataset
+from relicv2.synthetic import SyntheticShapes
+from relicv2.data import make_dataset
 from relicv2.spurious import SPLITS, colour_retrieval, generate_spurious, validity_report
 from relicv2.views import ViewGenerator
 
@@ -55,7 +56,7 @@ def test_dataset_names():
 
 
 def _views():
-    return ViewGenerator.from_config(preset("spurious").views, n_large=2, n_small=0)
+    return ViewGenerator(preset("spurious").views, n_large=2, n_small=0)
 
 
 def test_colour_retrieval_small_sample():

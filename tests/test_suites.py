@@ -115,7 +115,7 @@ class PlantedEncoder(torch.nn.Module):
 
 def planted(split: str, n: int = 300):
     "A dataset of the spurious benchmark's form whose object's grey level codes its class: 20 x (class + 1) on black."
-    from relicv2.data import TensorImages
+    from relicv2.items import TensorImages
     g = torch.Generator().manual_seed(len(split))
     labels, masks = torch.arange(n) % 10, torch.zeros(n, 1, 24, 24, dtype=torch.uint8)
     for i, (r, c) in enumerate(torch.randint(0, 15, (n, 2), generator=g).tolist()): masks[i, 0, r:r + 9, c:c + 9] = 1

@@ -482,7 +482,7 @@ def test_simclr_step_has_no_target_and_takes_the_gradient_through_both_sides(tmp
     "The step's gradient is that of the cross-entropies written out by hand with the keys' gradient kept, not dropped."
     import copy
     import torch.nn.functional as F
-    from relicv2.data import collate
+    from relicv2.items import collate
     from relicv2.distributed import DistEnv
     cfg = tiny(tmp_path, **{"loss.objective": "simclr", "loss.n_negatives": "none"})
     env = DistEnv()
@@ -546,7 +546,7 @@ def test_trace_terms_logs_the_gradient_norms_and_leaves_the_weights_bit_identica
 
 @pytest.mark.parametrize("objective", ["infonce", "byol", "simclr", "supervised", "relicv2 compiled"])
 def test_trace_terms_is_refused_for_an_objective_without_both_terms_and_under_compile(tmp_path, objective):
-    from relicv2.config import ConfigError
+    from relicv2.files import ConfigError
     over = {"train.trace_terms": True, "loss.objective": objective.split()[0], "train.compile": objective.endswith("compiled")}
     needle = "needs train.compile=false" if over["train.compile"] else f"needs loss.objective 'relicv2'.*got loss.objective='{objective}'"
     with pytest.raises(ConfigError, match=f"train.trace_terms=true {needle}"):

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from relicv2.augment import remove_background, sample_crop_boxes, swap_partners
-from relicv2.config import MASK_FILLS, ConfigError, ViewsConfig
+from relicv2.config import MASK_FILLS, ViewsConfig
+from relicv2.files import ConfigError
 from relicv2.views import ViewGenerator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -268,7 +269,7 @@ def test_small_or_absent_masks_are_never_used():
 
 def test_parameters_come_from_the_config():
     "The generator declares no parameter of its own: its defaults are ViewsConfig's, its overrides ViewsConfig's fields."
-    assert ViewGenerator().cfg == ViewsConfig() and repr(ViewGenerator.from_config(ViewsConfig())) == repr(ViewGenerator())
+    assert ViewGenerator().cfg == ViewsConfig() and repr(ViewGenerator(ViewsConfig())) == repr(ViewGenerator())
     g = ViewGenerator(ViewsConfig(n_large=2, mask_fill="mean"), large_size=16)
     assert g.cfg == ViewsConfig(n_large=2, mask_fill="mean", large_size=16)
     assert (g.n_large, g.mask_fill, g.large_size) == (2, "mean", 16)  # read-only views of g.cfg
