@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from .files import ConfigError, atomic_write, read_file  # the ground floor (00b_files); also importable from here
+from .files import ConfigError, atomic_write, read_file  # the ground floor (00b_files)
 
 # %% auto #0
 __all__ = ['Pair', 'MASK_FILLS', 'ARCHS', 'PADDINGS', 'SHORTCUTS', 'OBJECTIVES', 'KL_DIRECTIONS', 'KL_CONSTRUCTIONS',
