@@ -69,11 +69,11 @@ class PerImageViews(torch.utils.data.Dataset):
 
 class LightlyBYOL(nn.Module):
     "Backbone + lightly's BYOL heads, and the momentum copies of backbone and projection head."
-    def __init__(self, backbone: nn.Module, feat_dim: int, hidden: int, out: int):
+    def __init__(self, backbone: nn.Module, feat_dim: int, hidden: int, out: int, predictor_hidden: int):
         super().__init__()
         self.backbone = backbone
         self.projection_head = BYOLProjectionHead(feat_dim, hidden, out)
-        self.prediction_head = BYOLPredictionHead(out, hidden, out)
+        self.prediction_head = BYOLPredictionHead(out, predictor_hidden, out)
         self.backbone_momentum = copy.deepcopy(self.backbone)
         self.projection_head_momentum = copy.deepcopy(self.projection_head)
         deactivate_requires_grad(self.backbone_momentum)
@@ -89,7 +89,7 @@ class LightlyStep:
     def __init__(self, cfg, device: torch.device, total_steps: int = 1000):
         e, h = cfg.encoder, cfg.heads
         backbone = resnet(e.arch, e.width, e.small_stem, e.zero_init_residual, e.channels_last)
-        self.model = LightlyBYOL(backbone, backbone.feat_dim, h.projector_hidden, h.projector_out).to(device).train()
+        self.model = LightlyBYOL(backbone, backbone.feat_dim, h.projector_hidden, h.projector_out, h.predictor_hidden).to(device).train()
         self.criterion = ReLICv2Loss(cfg.loss)  # the same objective on both sides
         self.optimizer = LightlyLARS([p for p in self.model.parameters() if p.requires_grad], lr=0.0, momentum=cfg.optim.momentum,
                                      weight_decay=cfg.optim.weight_decay, trust_coefficient=cfg.optim.trust_coefficient)
