@@ -13,7 +13,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from . import readers, spurious, synthetic
-from .deepusps import METHODS, SaliencyUNet, _batches, load_deepusps, masks_at_size
+from .config import SALIENCY_METHODS
+from .deepusps import SaliencyUNet, _batches, load_deepusps, masks_at_size
 from .config import MASK_SOURCES
 from .mask_controls import control_masks, parse_control
 from .progress import Progress, ProgressArg
@@ -137,7 +138,7 @@ def _mask_source(source: str) -> tuple[Optional[str], Optional[SaliencyUNet]]:
     "(method, model) for a `data.masks` value other than 'dataset': (None, None) for 'none'."
     if source == "none": return None, None
     if source.startswith("deepusps:") and len(source) > len("deepusps:"): return "deepusps", load_deepusps(source[len("deepusps:"):])
-    if source in METHODS and source != "deepusps": return source, None
+    if source in SALIENCY_METHODS and source != "deepusps": return source, None
     raise ValueError(f"data.masks must be one of {', '.join(MASK_SOURCES)}, got {source!r}")
 
 class SaliencyMasked(torch.utils.data.Dataset):

@@ -20,9 +20,8 @@ from .saliency import binarize, clean_mask, otsu_threshold, saliency_to_mask
 from .saliency_metrics import SaliencyMeter
 
 # %% auto #0
-__all__ = ['METHODS', 'SaliencyUNet', 'deepusps_inputs', 'flip_inputs', 'deepusps_saliency', 'separability', 'fit_round',
-           'train_deepusps', 'save_deepusps', 'load_deepusps', 'compute_saliency', 'masks_at_size', 'evaluate_methods',
-           'evaluate_folder']
+__all__ = ['SaliencyUNet', 'deepusps_inputs', 'flip_inputs', 'deepusps_saliency', 'separability', 'fit_round', 'train_deepusps',
+           'save_deepusps', 'load_deepusps', 'compute_saliency', 'masks_at_size', 'evaluate_methods', 'evaluate_folder']
 
 # %% ../nbs/03b_deepusps.ipynb #be300c5f
 def _block(c_in: int, c_out: int) -> nn.Sequential:
@@ -206,17 +205,15 @@ def load_deepusps(path, device=None) -> SaliencyUNet:
     return model.to(device if device is not None else "cpu").eval()
 
 # %% ../nbs/03b_deepusps.ipynb #4ee34685
-METHODS = SALIENCY_METHODS  # the names live in relicv2.config, so that `relicv2-saliency --help` needs no torch
-
 def compute_saliency(images: Tensor,  # (B, 3 or 1, H, W) uint8 or float in [0, 1]
-                     method: str,  # one of METHODS
+                     method: str,  # one of SALIENCY_METHODS
                      model: Optional[SaliencyUNet] = None,  # needed for 'deepusps'
                     ) -> Tensor:  # (B, 1, H, W) saliency in [0, 1]
     "Saliency maps of any method, by name."
     if method == "deepusps":
         if model is None: raise ValueError("method 'deepusps' needs a model (train_deepusps or load_deepusps)")
         return deepusps_saliency(model, images)
-    if method not in METHODS: raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if method not in SALIENCY_METHODS: raise ValueError(f"method must be one of {', '.join(SALIENCY_METHODS)}, got {method!r}")
     return classical_saliency(images, method)
 
 def masks_at_size(images: Sequence[Tensor],  # (3 or 1, H, W) images, uint8 or float in [0, 1], sizes may differ
@@ -246,7 +243,7 @@ def _batches(items, batch_size: int):
 
 def evaluate_methods(images: Sequence[Tensor],  # (3 or 1, H, W) images, or one (N, C, H, W) tensor
                      truth: Sequence[Tensor],  # (1, H, W) binary masks, or one (N, 1, H, W) tensor
-                     methods: Sequence[str] = METHODS,  # names in METHODS ('deepusps' needs `model`)
+                     methods: Sequence[str] = SALIENCY_METHODS,  # names in SALIENCY_METHODS ('deepusps' needs `model`)
                      model: Optional[SaliencyUNet] = None,
                      size: int = 64, batch_size: int = 100,  # working resolution, images per batch
                      **mask_kw,  # threshold, clean, min_coverage, max_coverage (see `masks_at_size`)

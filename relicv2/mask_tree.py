@@ -26,7 +26,8 @@ from .readers import IMG_EXTENSIONS, CorruptImageError, _decode, encode_image
 from .synthetic import SyntheticShapes
 from .saliency import binarize, clean_mask, resize
 from .saliency_metrics import format_table
-from .deepusps import METHODS, SaliencyUNet, _batches, masks_at_size, evaluate_folder, evaluate_methods
+from .config import SALIENCY_METHODS
+from .deepusps import SaliencyUNet, _batches, masks_at_size, evaluate_folder, evaluate_methods
 from .deepusps import train_deepusps, save_deepusps, load_deepusps
 
 # %% auto #0
@@ -117,7 +118,7 @@ def _summary(dst: Path, rels: list, done: dict, written: int, unreadable: int) -
 # %% ../nbs/03c_mask_tree.ipynb #8be7fcb0
 def write_masks(input_root,  # ImageFolder tree (any layout: every image under it)
                 output_root,  # where the parallel tree of PNG masks goes (not inside the input, not containing it)
-                method: str = "border",  # one of METHODS
+                method: str = "border",  # one of SALIENCY_METHODS
                 model: Optional[SaliencyUNet] = None,  # for 'deepusps'
                 weights_id: Optional[str] = None,  # identifies the model's weights in the manifest (e.g. their sha256)
                 size: int = 64, batch_size: int = 32,  # working resolution, images per batch
@@ -125,7 +126,7 @@ def write_masks(input_root,  # ImageFolder tree (any layout: every image under i
                 progress: bool = True,  # show a tqdm bar
                ) -> dict:  # counts and mean foreground fraction over the whole tree
     "Write a binary PNG mask for every image under `input_root` into `output_root` (resumable, atomic, never in the input)."
-    if method not in METHODS: raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if method not in SALIENCY_METHODS: raise ValueError(f"method must be one of {', '.join(SALIENCY_METHODS)}, got {method!r}")
     if method == "deepusps" and model is None: raise ValueError("method 'deepusps' needs a model")
     if not 0 <= min_coverage < max_coverage <= 1: raise ValueError(f"need 0 <= min_coverage < max_coverage <= 1, got {min_coverage} and {max_coverage}")
     binarize(torch.zeros(1, 1, 1, 1), threshold); clean_mask(torch.zeros(1, 1, 1, 1), clean)  # validate early
@@ -215,9 +216,9 @@ def saliency_command(args: argparse.Namespace,  # parsed by `relicv2.cli.salienc
     elif args.weights and (args.method == "deepusps" or args.evaluate):
         model = load_deepusps(args.weights, device)
     if args.evaluate:
-        methods = args.methods.split(",") if args.methods else [m for m in METHODS if m != "deepusps" or model is not None]
-        bad = [m for m in methods if m not in METHODS]
-        if bad: raise ValueError(f"--methods must be a comma-separated list of {', '.join(METHODS)}, got {args.methods!r}")
+        methods = args.methods.split(",") if args.methods else [m for m in SALIENCY_METHODS if m != "deepusps" or model is not None]
+        bad = [m for m in methods if m not in SALIENCY_METHODS]
+        if bad: raise ValueError(f"--methods must be a comma-separated list of {', '.join(SALIENCY_METHODS)}, got {args.methods!r}")
         if "deepusps" in methods and model is None: raise ValueError("evaluating deepusps needs --weights FILE (or --train-on)")
         kw = dict(threshold=threshold, clean=args.clean, min_coverage=args.min_coverage, max_coverage=args.max_coverage)
         if args.evaluate in ("synthetic", "spurious"):  # a generated test split and its exact masks

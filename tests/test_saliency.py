@@ -17,7 +17,8 @@ from relicv2.synthetic import SyntheticShapes
 from relicv2.readers import ImageFolderMasked
 from relicv2.saliency import CLASSICAL, binarize, clean_mask, otsu_threshold, saliency_to_mask
 from relicv2.saliency_metrics import SaliencyMeter, fbeta_adaptive, fbeta_max, iou_score, mae_score, pr_curves
-from relicv2.deepusps import (METHODS, SaliencyUNet, compute_saliency, deepusps_saliency, evaluate_methods, load_deepusps,
+from relicv2.config import SALIENCY_METHODS
+from relicv2.deepusps import (SaliencyUNet, compute_saliency, deepusps_saliency, evaluate_methods, load_deepusps,
                               masks_at_size, save_deepusps, train_deepusps)
 from relicv2.data import SaliencyMasked
 from relicv2.mask_tree import LOG, MANIFEST, write_masks
