@@ -42,13 +42,16 @@ def _interval(d: list[float]) -> str:
 def claim_row(root: Path, test: dict) -> dict:
     "One test of a claim, read from the committed results: experiment, budget, evidence, measured, verdict."
     row = {"experiment": test["experiment"], "budget": "", "evidence": "", "measured": "", "verdict": ""}
+    metric = test.get("metric", "linear_top1")  # a block may test one pair in several metrics (its suites')
     if "not_tested" in test: return {**row, "evidence": "none", "verdict": "not tested here: " + test["not_tested"]}
     if "block" in test:
         name, (a, b, split) = test["block"], test["comparison"]
         spec, verdicts = root / "experiments" / "blocks" / f"{name}.yaml", root / "experiments" / "results" / f"{name}.verdicts.json"
         row["evidence"] = f"block {name}"
         if verdicts.exists():
-            v = next(x for x in json.loads(verdicts.read_text())["verdicts"] if (x["a"], x["b"], x["split"]) == (a, b, split))
+            v = next((x for x in json.loads(verdicts.read_text())["verdicts"]
+                      if (x["a"], x["b"], x["split"], x["metric"]) == (a, b, split, metric)), None)
+            if v is None: raise ConfigError(f"block {name!r} registered no comparison {a} - {b} on {split} in {metric}")
             _, meta = _results(root, name)
             return {**row, "budget": budget(root, meta, a), "verdict": v["verdict"],
                     "measured": f"{v['mean']:+.1f} [{v['low']:+.1f}, {v['high']:+.1f}] ({v['n']} seeds, adj. p {v['p_adj']:.2g})"}
@@ -58,7 +61,6 @@ def claim_row(root: Path, test: dict) -> dict:
         return {**row, "measured": "planned", "verdict": "not tested yet"}
     a, b, split = test["comparison"]
     rows, meta = _results(root, test["table"])
-    metric = test.get("metric", "linear_top1")
     if b == "raw-pixels":  # measured once, at the first seed (it has no random draw): read against every seed of A
         base = [r[metric] for r in rows if r["variant"] == b and r["split"] == split][0]
         d = {r["seed"]: r[metric] - base for r in rows if r["variant"] == a and r["split"] == split}

@@ -30,6 +30,24 @@ def test_readme_claims_table_is_the_generated_one():
         "the README's claims table is not the one relicv2.claims computes: run the index notebook and make_readme"
 
 
+def test_every_claim_read_from_a_block_is_one_of_its_registered_comparisons():
+    # a claim row names (A, B, split, metric); a block written after the row must register exactly that comparison,
+    # or the row would read another metric's verdict (or none) once the block has run
+    from relicv2.ablate import load_spec
+    from relicv2.files import read_file
+    checked = 0
+    for claim in read_file(ROOT / "experiments" / "claims.yaml")["claims"]:
+        for t in claim["tests"]:
+            spec_path = ROOT / "experiments" / "blocks" / f"{t.get('block')}.yaml"
+            if "block" not in t or not spec_path.exists(): continue  # a planned block: nothing registered yet
+            confirm = load_spec(spec_path).confirm
+            registered = {(c["a"], c["b"], c["split"], c.get("metric", confirm.get("metric", "linear_top1")))
+                          for c in confirm["comparisons"]}
+            assert (*t["comparison"], t.get("metric", "linear_top1")) in registered, (t["experiment"], sorted(registered))
+            checked += 1
+    assert checked >= 1 or not list((ROOT / "experiments" / "blocks").glob("*.yaml"))
+
+
 def test_index_maps_every_notebook():
     index = "".join(c for cell in json.loads((ROOT / "nbs" / "index.ipynb").read_text())["cells"] for c in cell["source"])
     missing = [p.name for p in sorted((ROOT / "nbs").glob("[0-9]*.ipynb")) if f"`{p.name}`" not in index]
