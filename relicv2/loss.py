@@ -114,6 +114,14 @@ def _check_batch(n: int, n_negatives: Optional[int]) -> None:
     if n_negatives is not None and n_negatives > n - 1:
         raise ValueError(f"n_negatives must be None or an int in [1, {n - 1}] for this batch of N={n}, got {n_negatives}")
 
+def _pair_prelude(x: Tensor, y: Tensor, cfg: Optional[LossConfig], anchors) -> tuple[LossConfig, Tensor]:
+    "What every pair loss does first: the config (default `LossConfig()`), the pair and batch checked, the anchor rows."
+    c = cfg if cfg is not None else LossConfig()
+    _check_pair(x, y)
+    rows = _rows(anchors, x.shape[0], x.device)  # (bad anchors are named before a batch too small for the negatives)
+    _check_batch(x.shape[0], c.n_negatives)
+    return c, rows
+
 def pair_loss(o: Tensor,  # (N, D) online predictor outputs (normalised inside)
               t: Tensor,  # (N, D) target projections of the same N images (detached and normalised inside)
               cfg: Optional[LossConfig] = None,  # the knobs, checked (`loss_config`); default `LossConfig()`
@@ -122,11 +130,8 @@ def pair_loss(o: Tensor,  # (N, D) online predictor outputs (normalised inside)
               generator: Optional[torch.Generator] = None,  # RNG for the negatives (any device)
              ) -> tuple[Tensor, dict[str, Tensor]]:  # mean loss over anchors, {'contrastive', 'invariance'} with their graph
     "ReLICv2 loss of one (online view, target view) pair: InfoNCE over a sampled contrast set + alpha * KL invariance."
-    c = cfg if cfg is not None else LossConfig()
-    _check_pair(o, t)
+    c, anchors = _pair_prelude(o, t, cfg, anchors)
     n = o.shape[0]
-    anchors = _rows(anchors, n, o.device)
-    _check_batch(n, c.n_negatives)
     with torch.autocast(o.device.type, enabled=False):  # float32 even under autocast
         o, t = prepare(o, t)
         idx = contrast_indices(n, anchors, c.n_negatives, generator)
@@ -229,11 +234,8 @@ def simclr_pair_loss(a: Tensor,  # (N, D) online projections of one view: the an
                      generator: Optional[torch.Generator] = None,  # RNG for the negatives
                     ) -> tuple[Tensor, dict[str, Tensor]]:  # mean loss over anchors, {'simclr'} with its graph
     "SimCLR's loss of one ordered pair of views: InfoNCE of a_i against the rows of b, with gradient through both."
-    c = cfg if cfg is not None else LossConfig()
-    _check_pair(a, b)
+    c, anchors = _pair_prelude(a, b, cfg, anchors)
     n = a.shape[0]
-    anchors = _rows(anchors, n, a.device)
-    _check_batch(n, c.n_negatives)
     with torch.autocast(a.device.type, enabled=False):  # float32 even under autocast
         idx = contrast_indices(n, anchors, c.n_negatives, generator)
         loss = -anchored_log_probs(_unit(a), _unit(b), idx, c.tau, c.beta)[:, 0].mean()  # the positive is column 0
