@@ -46,13 +46,13 @@ def claim_row(root: Path, test: dict) -> dict:
     if "not_tested" in test: return {**row, "evidence": "none", "verdict": "not tested here: " + test["not_tested"]}
     if "block" in test:
         name, (a, b, split) = test["block"], test["comparison"]
-        spec, verdicts = root / "experiments" / "blocks" / f"{name}.yaml", root / "experiments" / "results" / f"{name}.verdicts.json"
+        spec, verdicts = root / "experiments" / "blocks" / f"{name}.yaml", root / "experiments" / "results" / "blocks" / f"{name}.verdicts.json"
         row["evidence"] = f"block {name}"
         if verdicts.exists():
             v = next((x for x in json.loads(verdicts.read_text())["verdicts"]
                       if (x["a"], x["b"], x["split"], x["metric"]) == (a, b, split, metric)), None)
             if v is None: raise ConfigError(f"block {name!r} registered no comparison {a} - {b} on {split} in {metric}")
-            _, meta = _results(root, name)
+            _, meta = _results(root, f"blocks/{name}")
             return {**row, "budget": budget(root, meta, a), "verdict": v["verdict"],
                     "measured": f"{v['mean']:+.1f} [{v['low']:+.1f}, {v['high']:+.1f}] ({v['n']} seeds, adj. p {v['p_adj']:.2g})"}
         if registration_path(spec).exists():
@@ -87,17 +87,18 @@ def claims_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 # %% ../nbs/12a_claims.ipynb #5a1c0e22
-def budget_gaps(root: str | Path,  # the repository (experiments/results/<block>.verdicts.json and tables)
+def budget_gaps(root: str | Path,  # the repository (experiments/results/blocks/<block>.verdicts.json and tables)
                 blocks: Sequence[str],  # block names, e.g. ("fm-short", "fm-long"); blocks without verdicts are skipped
                 comparisons: Sequence[tuple[str, str, str]],  # (A, B, split) as registered in the blocks
                ) -> list[dict]:  # one dict per (block, comparison) found: block, comparison, split, steps, mean, low, high, n, verdict
     "Each block's verdict on each comparison, with the steps its A arm trained."
     root, out = Path(root), []
     for name in blocks:
-        path = root / "experiments" / "results" / f"{name}.verdicts.json"
+        path = root / "experiments" / "results" / "blocks" / f"{name}.verdicts.json"
         if not path.exists(): continue
-        found = {(v["a"], v["b"], v["split"]): v for v in json.loads(path.read_text())["verdicts"]}
-        _, meta = _results(root, name)
+        found = {(v["a"], v["b"], v["split"]): v for v in json.loads(path.read_text())["verdicts"]
+                 if v.get("metric", "linear_top1") == "linear_top1"}  # the gaps in linear top-1 (a block may test suites too)
+        _, meta = _results(root, f"blocks/{name}")
         for a, b, split in comparisons:
             if (v := found.get((a, b, split))) is None: continue
             steps = max(r["steps"] for k, r in meta["runs"].items() if k.split("/seed")[0] == a)
