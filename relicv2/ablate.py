@@ -25,7 +25,7 @@ from .suites import SUITE_FIELDS, run_suites, suite_rows, with_suites
 # %% auto #0
 __all__ = ['RESULT_FIELDS', 'AblationSpec', 'load_spec', 'spec_content', 'train_seconds', 'knn_curve', 'config_record',
            'same_config', 'result_path', 'run_one', 'run_baseline', 'run_ablation', 'read_results', 'summarize',
-           'format_summary', 'plot_ablation', 'restore_runs']
+           'format_summary', 'plot_ablation', 'restore_runs', 'grid_status', 'format_status']
 
 # %% ../nbs/11_ablate.ipynb #d88f3810
 @dataclass
@@ -297,3 +297,23 @@ def restore_runs(spec: AblationSpec | str | Path | dict,  # the grid, or a spec 
     announce(f"restore: {len(restored)} finished run(s) restored from {table}", progress)
     return restored
 
+
+# %% ../nbs/11_ablate.ipynb #b10c5a02
+def grid_status(spec: AblationSpec | str | Path | dict,  # the grid, or a spec file
+               ) -> list[dict]:  # one dict per job, in run order: run ('variant/seedN'), folder, state
+    "Each job of the grid: 'finished', 'started (step N)' (it resumes from that checkpoint) or 'to run'; no result is read."
+    from relicv2.checkpoint import list_checkpoints
+    spec = spec if isinstance(spec, AblationSpec) else load_spec(spec)
+    out = []
+    for name, seed, cfg, is_baseline, done in _jobs(spec):
+        ckpts = [] if is_baseline or done.exists() else list_checkpoints(cfg.train.out_dir)
+        state = "finished" if done.exists() else f"started (step {ckpts[-1].stem.split('_')[-1]})" if ckpts else "to run"
+        out.append({"run": f"{name}/seed{seed}", "folder": str(done.parent), "state": state})
+    return out
+
+def format_status(status: list[dict]) -> str:
+    "One line per job and a count: what `relicv2-ablate --dry-run` prints."
+    w = max(len(s["run"]) for s in status)
+    n = sum(s["state"] == "finished" for s in status)
+    return "\n".join([f"{s['run']:<{w}}  {s['state']:<18}  {s['folder']}" for s in status] +
+                     [f"{n} of {len(status)} jobs finished, {len(status) - n} to run"])

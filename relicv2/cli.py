@@ -368,7 +368,7 @@ def ablate_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="relicv2-ablate", description="Train and evaluate a grid of runs from a spec file.")
     p.add_argument("spec", help="YAML or JSON ablation spec")
     p.add_argument("--only", default=None, metavar="A,B", help="train only these variants (or baselines: raw-pixels, random-init)")
-    p.add_argument("--dry-run", action="store_true", help="list the runs and exit")
+    p.add_argument("--dry-run", action="store_true", help="list the runs (the baselines too), each finished, started or to run, and exit")
     p.add_argument("--register", action="store_true",
                    help="a confirmatory block (a spec with 'block' and 'confirm'): write its registration beside the spec and exit; "
                         "commit both before the block's first run")
@@ -381,7 +381,8 @@ def ablate_main(argv: list[str] | None = None) -> int:
     try:
         spec = load_spec(args.spec)
         if args.dry_run:
-            for name, seed, cfg in spec.runs(): print(f"{name}  seed {seed}  -> {cfg.train.out_dir}")
+            from relicv2.ablate import format_status, grid_status
+            print(format_status(grid_status(spec)))  # every job, finished, started or to run; no result read
             return 0
         if args.register:
             from relicv2.ablate import spec_content, result_path
