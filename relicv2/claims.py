@@ -15,7 +15,8 @@ from .confirm import paired, registration_path
 from .files import ConfigError, read_file
 
 # %% auto #0
-__all__ = ['budget', 'claim_row', 'claims_table', 'claims_markdown', 'budget_gaps', 'plot_budget_gaps']
+__all__ = ['budget', 'claim_row', 'claims_table', 'claims_markdown', 'budget_gaps', 'plot_budget_gaps', 'programme',
+           'format_programme']
 
 # %% ../nbs/12a_claims.ipynb #0ddba618
 def _results(root: Path, name: str) -> tuple[list[dict], dict]:
@@ -130,3 +131,29 @@ def plot_budget_gaps(gaps: list[dict],  # `budget_gaps` rows
     if out is not None: fig.savefig(out)
     return fig
 
+
+# %% ../nbs/12a_claims.ipynb #c0a1b2d2
+def programme(root: str | Path = ".") -> list[dict]:
+    "Every registered block: name, registered (date), jobs (runs and floors), committed (finished runs in its committed table), verdicts (written?), plan."
+    from relicv2.ablate import _jobs
+    root, out = Path(root), []
+    for reg_path in sorted((root / "experiments" / "blocks").glob("*.registration.json")):
+        reg = json.loads(reg_path.read_text())
+        spec = load_spec(reg_path.with_name(reg["spec"]))
+        jobs = len(_jobs(spec))  # the runs and the floors, as the runner lists them
+        table = root / "experiments" / "results" / "blocks" / f"{reg['block']}.json"
+        done = len(json.loads(table.read_text())["runs"]) if table.exists() else 0
+        out.append({"block": reg["block"], "registered": reg["registered"], "jobs": jobs, "committed": done,
+                    "verdicts": (root / "experiments" / "results" / "blocks" / f"{reg['block']}.verdicts.json").exists(),
+                    "plan": reg["plan"]})
+    return out
+
+def format_programme(rows: list[dict], width: int = 116) -> str:
+    "Each block: its state in one line, then its registered plan, wrapped."
+    import textwrap
+    lines = []
+    for r in rows:
+        state = "verdicts written" if r["verdicts"] else f"{r['committed']} of {r['jobs']} jobs in the committed table"
+        lines += [f"{r['block']}: registered {r['registered']}, {state}"]
+        lines += textwrap.wrap(r["plan"], width, initial_indent="  ", subsequent_indent="  ") + [""]
+    return "\n".join(lines).rstrip()
