@@ -5,6 +5,7 @@
 # %% ../nbs/12a_claims.ipynb #475768a3
 from __future__ import annotations
 
+import datetime
 import json
 import math
 from pathlib import Path
@@ -143,10 +144,23 @@ def programme(root: str | Path = ".") -> list[dict]:
         jobs = len(_jobs(spec))  # the runs and the floors, as the runner lists them
         table = root / "experiments" / "results" / "blocks" / f"{reg['block']}.json"
         done = len(json.loads(table.read_text())["runs"]) if table.exists() else 0
-        out.append({"block": reg["block"], "registered": reg["registered"], "jobs": jobs, "committed": done,
+        runs = json.loads(table.read_text())["runs"] if table.exists() else {}
+        out.append({"block": reg["block"], "registered": reg["registered"], "jobs": jobs, "committed": len(runs),
                     "verdicts": (root / "experiments" / "results" / "blocks" / f"{reg['block']}.verdicts.json").exists(),
-                    "plan": reg["plan"]})
+                    "registered_first": _registered_first(reg_path, runs), "plan": reg["plan"]})
     return out
+
+def _run_start(r: dict) -> float:
+    "When a run began (epoch seconds): its recorded finish, less its training and evaluation, less the minute the record rounds to."
+    end = datetime.datetime.strptime(r["finished"], "%Y-%m-%d %H:%M UTC").replace(tzinfo=datetime.timezone.utc).timestamp()
+    return end - r.get("train_s", 0.0) - r.get("eval_s", 0.0) - 60
+
+def _registered_first(reg_path: Path, runs: dict) -> Optional[bool]:
+    "Whether the registration's last commit is older than the block's first run; None without runs or git history."
+    from relicv2.confirm import _git
+    when = _git(["log", "-1", "--format=%ct", "--", reg_path.name], reg_path.parent)
+    if not runs or not when: return None
+    return int(when) < min(_run_start(r) for r in runs.values())
 
 def format_programme(rows: list[dict], width: int = 116) -> str:
     "Each block: its state in one line, then its registered plan, wrapped."
@@ -154,6 +168,8 @@ def format_programme(rows: list[dict], width: int = 116) -> str:
     lines = []
     for r in rows:
         state = "verdicts written" if r["verdicts"] else f"{r['committed']} of {r['jobs']} jobs in the committed table"
-        lines += [f"{r['block']}: registered {r['registered']}, {state}"]
+        order = {True: "; registration committed before its first run", False: "; A RUN BEGAN BEFORE THE REGISTRATION WAS COMMITTED",
+                 None: ""}[r["registered_first"]]
+        lines += [f"{r['block']}: registered {r['registered']}, {state}{order}"]
         lines += textwrap.wrap(r["plan"], width, initial_indent="  ", subsequent_indent="  ") + [""]
     return "\n".join(lines).rstrip()

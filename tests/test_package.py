@@ -30,6 +30,14 @@ def test_readme_claims_table_is_the_generated_one():
         "the README's claims table is not the one relicv2.claims computes: run the index notebook and make_readme"
 
 
+def test_every_block_was_registered_and_committed_before_its_first_run():
+    # what makes a block confirmatory, read from git and the runs' own records (12a_claims, programme)
+    from relicv2.claims import programme
+    for r in programme(ROOT):
+        assert r["registered_first"] is not False, f"block {r['block']}: a run began before its registration was committed"
+        assert r["committed"] <= r["jobs"] and (r["verdicts"] is False or r["committed"] == r["jobs"]), r["block"]
+
+
 def test_every_claim_read_from_a_block_is_one_of_its_registered_comparisons():
     # a claim row names (A, B, split, metric); a block written after the row must register exactly that comparison,
     # or the row would read another metric's verdict (or none) once the block has run
