@@ -217,6 +217,8 @@ def run_ablation(spec: AblationSpec | str | Path | dict,  # the grid, or a spec 
         if srows:
             buf = io.StringIO(); w = csv.DictWriter(buf, SUITE_FIELDS); w.writeheader(); w.writerows(srows)
             atomic_write(path.with_name("suites.csv"), buf.getvalue())
+    if train:  # then one pass that only reads: runs that another process (--only) finished after this one went by join the table
+        return run_ablation(spec, progress=progress, train=False)
     if spec.confirm is not None and all(j[4].exists() for j in jobs):  # every run of the block is done: its verdicts, once
         atomic_write(path.with_name("verdicts.json"), json.dumps({"block": spec.block, "spec": spec.source,
                                                                   "verdicts": verdicts(spec.confirm, with_suites(rows, srows))},
