@@ -309,7 +309,7 @@ def grid_status(spec: AblationSpec | str | Path | dict,  # the grid, or a spec f
     out = []
     for name, seed, cfg, is_baseline, done in _jobs(spec):
         ckpts = [] if is_baseline or done.exists() else list_checkpoints(cfg.train.out_dir)
-        state = "finished" if done.exists() else f"started (step {ckpts[-1].stem.split('_')[-1]})" if ckpts else "to run"
+        state = "finished" if done.exists() else f"started (step {int(ckpts[-1].stem.split('_')[-1])})" if ckpts else "to run"
         out.append({"run": f"{name}/seed{seed}", "folder": str(done.parent), "state": state})
     return out
 
