@@ -143,7 +143,6 @@ def programme(root: str | Path = ".") -> list[dict]:
         spec = load_spec(reg_path.with_name(reg["spec"]))
         jobs = len(_jobs(spec))  # the runs and the floors, as the runner lists them
         table = root / "experiments" / "results" / "blocks" / f"{reg['block']}.json"
-        done = len(json.loads(table.read_text())["runs"]) if table.exists() else 0
         runs = json.loads(table.read_text())["runs"] if table.exists() else {}
         out.append({"block": reg["block"], "registered": reg["registered"], "jobs": jobs, "committed": len(runs),
                     "verdicts": (root / "experiments" / "results" / "blocks" / f"{reg['block']}.verdicts.json").exists(),
