@@ -23,9 +23,10 @@ from .confirm import check_confirm, check_registration, verdicts
 from .suites import SUITE_FIELDS, run_suites, suite_rows, with_suites
 
 # %% auto #0
-__all__ = ['RESULT_FIELDS', 'AblationSpec', 'load_spec', 'spec_content', 'train_seconds', 'knn_curve', 'config_record',
-           'same_config', 'result_path', 'run_one', 'run_baseline', 'run_ablation', 'read_results', 'summarize',
-           'format_summary', 'plot_ablation', 'restore_runs', 'grid_status', 'format_status']
+__all__ = ['RESULT_FIELDS', 'TRACE_FIELDS', 'AblationSpec', 'load_spec', 'spec_content', 'train_seconds', 'knn_curve',
+           'run_trace', 'config_record', 'same_config', 'result_path', 'run_one', 'run_baseline', 'table_files',
+           'run_ablation', 'read_results', 'summarize', 'format_summary', 'plot_ablation', 'restore_runs',
+           'grid_status', 'format_status', 'export_table']
 
 # %% ../nbs/11_ablate.ipynb #d88f3810
 @dataclass
@@ -116,6 +117,18 @@ def knn_curve(metrics_path: str | Path) -> list[list]:
     from relicv2.train import MetricsLog
     return [[r["step"], r["knn_top1"]] for r in MetricsLog.read(metrics_path) if "knn_top1" in r]
 
+TRACE_FIELDS = ["step", "loss", "contrastive", "invariance", "grad_norm_contrastive", "grad_norm_invariance", "grad_ratio",
+                "knn_top1", "lr", "ema"]
+
+def run_trace(metrics_path: str | Path) -> list[dict]:
+    "A run's trace: one dict per logged step with the `TRACE_FIELDS` its metrics hold (5 significant digits)."
+    from relicv2.train import MetricsLog
+    by_step: dict = {}
+    for r in MetricsLog.read(metrics_path):  # (a resumed run's log holds each kept step once)
+        kept = {k: float(f"{r[k]:.5g}") for k in TRACE_FIELDS[1:] if isinstance(r.get(k), (int, float))}
+        if kept: by_step.setdefault(r["step"], {"step": r["step"]}).update(kept)  # the monitor's row joins its step's
+    return [by_step[s] for s in sorted(by_step)]
+
 def config_record(cfg: RunConfig) -> dict:
     "A run's config without the folder it was written to: what a finished result must match to stand for a run of a spec."
     d = to_dict(cfg); d["train"].pop("out_dir"); return d
@@ -175,6 +188,18 @@ def _jobs(spec: AblationSpec) -> list[tuple]:
             if b != "raw-pixels" or seed == spec.seeds[0]]
     return [(n, seed, cfg, b, result_path(cfg, n if b else None)) for n, seed, cfg, b in base + [(*r, False) for r in spec.runs()]]
 
+def table_files(table: str | Path) -> dict[str, Path]:
+    "The files of a table: results.csv -> results.json, suites.csv, traces.csv, verdicts.json; NAME.csv -> NAME.json, NAME.suites.csv..."
+    table = Path(table)
+    side = (lambda kind, ext: table.with_name(f"{kind}.{ext}")) if table.name == "results.csv" else \
+           (lambda kind, ext: table.with_name(f"{table.stem}.{kind}.{ext}"))
+    return {"table": table, "json": table.with_suffix(".json"), "suites": side("suites", "csv"),
+            "traces": side("traces", "csv"), "verdicts": side("verdicts", "json")}
+
+def _write_csv(path: Path, fields: list[str], rows: list[dict]) -> None:
+    buf = io.StringIO(); w = csv.DictWriter(buf, fields); w.writeheader(); w.writerows(rows)
+    atomic_write(path, buf.getvalue())
+
 def _overrides(spec: AblationSpec) -> dict:
     "variant -> its overrides (a grid's combinations included), as the table records them."
     return {**spec.variants, **{n: {} for n, _, _ in spec.runs() if n not in spec.variants}}
@@ -191,7 +216,7 @@ def run_ablation(spec: AblationSpec | str | Path | dict,  # the grid, or a spec 
         names = list(dict.fromkeys([*spec.baselines, *(n for n, _, _ in runs)]))  # the baselines can be run alone too
         unknown = sorted(set(only) - set(names))
         if unknown: raise ConfigError(f"unknown variant(s) {', '.join(unknown)}; variants: {', '.join(names)}")
-    rows, srows, record, path = [], [], {}, Path(spec.out_dir, "results.csv")
+    rows, srows, trows, record, path = [], [], [], {}, Path(spec.out_dir, "results.csv")
     overrides, jobs = _overrides(spec), _jobs(spec)
     if spec.confirm is not None:  # a confirmatory block runs only as registered and committed (11b_confirm)
         if spec.source is None: raise ConfigError(f"block {spec.block!r} must be run from its registered spec file, not from a dict")
@@ -208,19 +233,20 @@ def run_ablation(spec: AblationSpec | str | Path | dict,  # the grid, or a spec 
             rows.append({"variant": name, "seed": seed, "split": split, **{k: None if m[k] is None else round(m[k], 2) for k in RESULT_FIELDS[3:7]},
                          "steps": out["steps"], "train_s": out["train_s"], "overrides": json.dumps(overrides.get(name, {}))})
         srows += suite_rows(name, seed, out.get("suites", {}))  # the evaluation suites' metrics (10g_suites), a long table
-        record[f"{name}/seed{seed}"] = {k: v for k, v in out.items() if k not in ("results", "suites")}
+        record[f"{name}/seed{seed}"] = {k: v for k, v in out.items() if k not in ("results", "suites", "trace")}
+        metrics = Path(cfg.train.out_dir, "metrics.jsonl")
         if not is_baseline and "knn_curve" not in out:  # (a restored run carries its curve)
-            record[f"{name}/seed{seed}"]["knn_curve"] = knn_curve(Path(cfg.train.out_dir, "metrics.jsonl"))
-        buf = io.StringIO(); w = csv.DictWriter(buf, RESULT_FIELDS); w.writeheader(); w.writerows(rows)
-        atomic_write(path, buf.getvalue())
+            record[f"{name}/seed{seed}"]["knn_curve"] = knn_curve(metrics)
+        if not train and not is_baseline:  # each run's trace (a restored run carries its own): once, in the last pass
+            trows += [{"variant": name, "seed": seed, **t} for t in out.get("trace") or run_trace(metrics)]
+        _write_csv(path, RESULT_FIELDS, rows)
         atomic_write(path.with_suffix(".json"), json.dumps({"spec": spec.source, "runs": record}, indent=2) + "\n")
-        if srows:
-            buf = io.StringIO(); w = csv.DictWriter(buf, SUITE_FIELDS); w.writeheader(); w.writerows(srows)
-            atomic_write(path.with_name("suites.csv"), buf.getvalue())
+        if srows: _write_csv(table_files(path)["suites"], SUITE_FIELDS, srows)
     if train:  # then one pass that only reads: runs that another process (--only) finished after this one went by join the table
         return run_ablation(spec, progress=progress, train=False)
+    if trows: _write_csv(table_files(path)["traces"], ["variant", "seed", *TRACE_FIELDS], trows)
     if spec.confirm is not None and all(j[4].exists() for j in jobs):  # every run of the block is done: its verdicts, once
-        atomic_write(path.with_name("verdicts.json"), json.dumps({"block": spec.block, "spec": spec.source,
+        atomic_write(table_files(path)["verdicts"], json.dumps({"block": spec.block, "spec": spec.source,
                                                                   "verdicts": verdicts(spec.confirm, with_suites(rows, srows))},
                                                                  indent=1) + "\n")
     return path
@@ -271,6 +297,20 @@ def plot_ablation(rows: list[dict], metric: str = "linear_top1", out: str | Path
     return fig
 
 # %% ../nbs/11_ablate.ipynb #ab1e5702
+def _side_rows(table: Path) -> tuple[dict, dict]:
+    "'variant/seedN' -> its suites {suite: {split: {metric: value}}}, and -> its trace [{step, ...}], from the files beside `table`."
+    files, suites, traces = table_files(table), {}, {}
+    if files["suites"].exists():
+        with open(files["suites"]) as f:
+            for r in csv.DictReader(f):
+                suites.setdefault(f"{r['variant']}/seed{r['seed']}", {}).setdefault(r["suite"], {}).setdefault(r["split"], {})[r["metric"]] = float(r["value"])
+    if files["traces"].exists():
+        with open(files["traces"]) as f:
+            for r in csv.DictReader(f):
+                traces.setdefault(f"{r['variant']}/seed{r['seed']}", []).append(
+                    {k: int(r[k]) if k == "step" else float(r[k]) for k in TRACE_FIELDS if r.get(k, "") != ""})
+    return suites, traces
+
 def restore_runs(spec: AblationSpec | str | Path | dict,  # the grid, or a spec file
                  table: str | Path,  # a results.csv written by `run_ablation` (its results.json beside it)
                  progress: ProgressArg = None,  # a line naming each run restored or refused
@@ -282,6 +322,7 @@ def restore_runs(spec: AblationSpec | str | Path | dict,  # the grid, or a spec 
         raise FileNotFoundError(f"table: {table} and {table.with_suffix('.json').name} beside it are both needed")
     records, rows = json.loads(table.with_suffix(".json").read_text())["runs"], {}
     for r in read_results(table): rows.setdefault(f"{r['variant']}/seed{r['seed']}", []).append(r)
+    suites, traces = _side_rows(table)  # the suites' metrics and the traces beside the table, where it has them
     overrides, restored = _overrides(spec), []
     for name, seed, cfg, is_baseline, done in _jobs(spec):
         key = f"{name}/seed{seed}"
@@ -293,7 +334,8 @@ def restore_runs(spec: AblationSpec | str | Path | dict,  # the grid, or a spec 
         if why:
             announce(f"restore: {key} not restored ({why}); it will be trained again", progress); continue
         out = {"steps": int(rows[key][0]["steps"]), "train_s": rows[key][0]["train_s"], **rec, "restored_from": str(table),
-               "results": {r["split"]: {k: r[k] for k in RESULT_FIELDS[3:7]} for r in rows[key]}}
+               "results": {r["split"]: {k: r[k] for k in RESULT_FIELDS[3:7]} for r in rows[key]},
+               **({"suites": suites[key]} if key in suites else {}), **({"trace": traces[key]} if key in traces else {})}
         atomic_write(done, json.dumps(out, indent=2) + "\n")
         restored.append(key)
     announce(f"restore: {len(restored)} finished run(s) restored from {table}", progress)
@@ -319,3 +361,22 @@ def format_status(status: list[dict]) -> str:
     n = sum(s["state"] == "finished" for s in status)
     return "\n".join([f"{s['run']:<{w}}  {s['state']:<18}  {s['folder']}" for s in status] +
                      [f"{n} of {len(status)} jobs finished, {len(status) - n} to run"])
+
+# %% ../nbs/11_ablate.ipynb #e7a0c002
+def export_table(spec: AblationSpec | str | Path | dict,  # the grid, or a spec file
+                 prefix: str | Path,  # e.g. experiments/results/blocks/spurious: writes spurious.csv, spurious.json, ...
+                 progress: ProgressArg = None,  # a line naming what was written
+                ) -> list[Path]:  # the files written
+    "Copy the grid's table and the files beside it to PREFIX.csv, PREFIX.json, PREFIX.suites.csv, PREFIX.traces.csv, PREFIX.verdicts.json."
+    spec = spec if isinstance(spec, AblationSpec) else load_spec(spec)
+    src, dst = table_files(Path(spec.out_dir, "results.csv")), table_files(Path(f"{prefix}.csv"))
+    if not src["table"].exists():
+        raise FileNotFoundError(f"{src['table']}: the grid has no table yet; run it or collect its finished runs first")
+    if dst["json"].exists():
+        lost = sorted(set(json.loads(dst["json"].read_text())["runs"]) - set(json.loads(src["json"].read_text())["runs"]))
+        if lost: raise ConfigError(f"{dst['table']} holds {len(lost)} run(s) that {src['table']} lacks ({', '.join(lost[:4])}"
+                                   f"{', ...' if len(lost) > 4 else ''}): restore them first (relicv2-ablate SPEC --restore "
+                                   f"{dst['table']}), then export")
+    written = [atomic_write(dst[k], src[k].read_bytes()) for k in src if src[k].exists()]
+    announce(f"export: {', '.join(p.name for p in written)} in {dst['table'].parent}", progress)
+    return written

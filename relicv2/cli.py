@@ -364,7 +364,8 @@ def load_weights(path: str | Path,  # encoder.pt, encoder_torchvision.pt or any 
 # %% ../nbs/90_cli.ipynb #720761fd
 def ablate_main(argv: list[str] | None = None) -> int:
     "Entry point of `relicv2-ablate`."
-    from relicv2.ablate import load_spec, restore_runs, run_ablation, read_results, format_summary, plot_ablation
+    from relicv2.ablate import (load_spec, restore_runs, run_ablation, read_results, format_summary, plot_ablation, export_table,
+                                grid_status, table_files)
     p = argparse.ArgumentParser(prog="relicv2-ablate", description="Train and evaluate a grid of runs from a spec file.")
     p.add_argument("spec", help="YAML or JSON ablation spec")
     p.add_argument("--only", default=None, metavar="A,B", help="train only these variants (or baselines: raw-pixels, random-init)")
@@ -375,13 +376,16 @@ def ablate_main(argv: list[str] | None = None) -> int:
     p.add_argument("--collect", action="store_true", help="train nothing: write the table and plots from the finished runs")
     p.add_argument("--restore", default=None, metavar="TABLE",
                    help="first restore the finished runs that a committed results.csv holds and out_dir lacks (same configs only)")
+    p.add_argument("--export", default=None, metavar="PREFIX",
+                   help="then copy the table and the files beside it to PREFIX.csv, PREFIX.json, PREFIX.suites.csv, "
+                        "PREFIX.traces.csv, PREFIX.verdicts.json (refused if PREFIX.json holds runs the table lacks)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress output (default: a bar in a terminal, a line every 5%% of the work in a log file)")
     args = p.parse_args(argv)
     try:
         spec = load_spec(args.spec)
         if args.dry_run:
-            from relicv2.ablate import format_status, grid_status
+            from relicv2.ablate import format_status
             print(format_status(grid_status(spec)))  # every job, finished, started or to run; no result read
             return 0
         if args.register:
@@ -395,17 +399,23 @@ def ablate_main(argv: list[str] | None = None) -> int:
         if args.restore: restore_runs(spec, args.restore, progress=False if args.no_progress else None)
         path = run_ablation(spec, progress=False if args.no_progress else None, only=args.only.split(",") if args.only else None,
                             train=not args.collect)
+        if args.export: export_table(spec, args.export, progress=False if args.no_progress else None)
     except Exception as e:
         code = report("relicv2-ablate", e)
         if code is None: raise
         return code
+    if spec.confirm is not None and not table_files(path)["verdicts"].exists():  # an unfinished block: nothing it measured
+        n = [s["state"] for s in grid_status(spec)]
+        print(f"relicv2-ablate: block {spec.block!r}: {n.count('finished')} of {len(n)} jobs finished; what it measures is "
+              f"shown after its last run, with its verdicts (table: {path})")
+        return 0
     rows = read_results(path)
     for metric in ("linear_top1", "knn_top1"):
         print(format_summary(rows, metric)); print()
         plot_ablation(rows, metric, path.with_name(f"{metric}.png"))
-    if path.with_name("verdicts.json").exists():
+    if table_files(path)["verdicts"].exists():
         from relicv2.confirm import format_verdicts
-        print(format_verdicts(json.loads(path.with_name("verdicts.json").read_text())["verdicts"])); print()
+        print(format_verdicts(json.loads(table_files(path)["verdicts"].read_text())["verdicts"])); print()
     print(f"relicv2-ablate: table {path}, plots beside it")
     return 0
 

@@ -194,6 +194,10 @@ def test_a_confirmatory_block_runs_only_as_registered_and_committed(tmp_path):
     assert r.returncode == 0 and (tmp_path / "toy.registration.json").exists(), r.stderr
     one_line(command("ablate_main", str(spec)), 2, "commit toy.yaml as it is")
     git("add", "."); git("commit", "-qm", "register")
+    r = command("ablate_main", str(spec), "--only", "a")  # half the block: what it measured stays unshown
+    assert r.returncode == 0, r.stderr
+    assert "block 'toy': 2 of 4 jobs finished" in r.stdout and "linear_top1" not in r.stdout, r.stdout
+    assert not list((tmp_path / "grid").glob("*.png"))
     r = command("ablate_main", str(spec))
     assert r.returncode == 0, r.stderr
     v = json.loads((tmp_path / "grid" / "verdicts.json").read_text())["verdicts"]
@@ -201,6 +205,11 @@ def test_a_confirmatory_block_runs_only_as_registered_and_committed(tmp_path):
     assert v[1]["metric"] == "dense.miou" and v[0]["mean"] != v[1]["mean"]  # the second comparison reads the suite's rows
     assert "dense,miou" in (tmp_path / "grid" / "suites.csv").read_text()
     assert "A - B [95% CI]" in r.stdout and v[0]["verdict"] in r.stdout
+    r = command("ablate_main", str(spec), "--collect", "--export", str(tmp_path / "committed" / "toy"))  # what a repository keeps
+    assert r.returncode == 0, r.stderr
+    assert sorted(f.name for f in (tmp_path / "committed").iterdir()) == [
+        "toy.csv", "toy.json", "toy.suites.csv", "toy.traces.csv", "toy.verdicts.json"]
+    assert (tmp_path / "committed" / "toy.verdicts.json").read_text() == (tmp_path / "grid" / "verdicts.json").read_text()
     spec.write_text(block.format(tmp_path / "grid", "[0, 1, 2]"))  # a seed added after looking
     git("commit", "-qam", "more seeds")
     one_line(command("ablate_main", str(spec)), 2, "a changed block is a new block")
