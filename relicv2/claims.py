@@ -11,15 +11,19 @@ import math
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .ablate import load_spec, read_results
+from .ablate import load_spec, read_results, table_files
 from .confirm import paired, registration_path
 from .files import ConfigError, read_file
 
 # %% auto #0
-__all__ = ['budget', 'claim_row', 'claims_table', 'claims_markdown', 'budget_gaps', 'plot_budget_gaps', 'programme',
-           'format_programme']
+__all__ = ['block_files', 'budget', 'claim_row', 'claims_table', 'claims_markdown', 'budget_gaps', 'plot_budget_gaps',
+           'programme', 'format_programme']
 
 # %% ../nbs/12a_claims.ipynb #0ddba618
+def block_files(root: Path, name: str) -> dict[str, Path]:
+    "Where a block's committed files are: experiments/results/blocks/NAME.csv, .json, .suites.csv, .traces.csv, .verdicts.json."
+    return table_files(root / "experiments" / "results" / "blocks" / f"{name}.csv")
+
 def _results(root: Path, name: str) -> tuple[list[dict], dict]:
     "Rows and metadata of experiments/results/NAME.csv (and .json beside it)."
     base = root / "experiments" / "results" / name
@@ -48,7 +52,7 @@ def claim_row(root: Path, test: dict) -> dict:
     if "not_tested" in test: return {**row, "evidence": "none", "verdict": "not tested here: " + test["not_tested"]}
     if "block" in test:
         name, (a, b, split) = test["block"], test["comparison"]
-        spec, verdicts = root / "experiments" / "blocks" / f"{name}.yaml", root / "experiments" / "results" / "blocks" / f"{name}.verdicts.json"
+        spec, verdicts = root / "experiments" / "blocks" / f"{name}.yaml", block_files(root, name)["verdicts"]
         row["evidence"] = f"block {name}"
         if verdicts.exists():
             v = next((x for x in json.loads(verdicts.read_text())["verdicts"]
@@ -96,7 +100,7 @@ def budget_gaps(root: str | Path,  # the repository (experiments/results/blocks/
     "Each block's verdict on each comparison, with the steps its A arm trained."
     root, out = Path(root), []
     for name in blocks:
-        path = root / "experiments" / "results" / "blocks" / f"{name}.verdicts.json"
+        path = block_files(root, name)["verdicts"]
         if not path.exists(): continue
         found = {(v["a"], v["b"], v["split"]): v for v in json.loads(path.read_text())["verdicts"]
                  if v.get("metric", "linear_top1") == "linear_top1"}  # the gaps in linear top-1 (a block may test suites too)
@@ -142,10 +146,10 @@ def programme(root: str | Path = ".") -> list[dict]:
         reg = json.loads(reg_path.read_text())
         spec = load_spec(reg_path.with_name(reg["spec"]))
         jobs = len(_jobs(spec))  # the runs and the floors, as the runner lists them
-        table = root / "experiments" / "results" / "blocks" / f"{reg['block']}.json"
-        runs = json.loads(table.read_text())["runs"] if table.exists() else {}
+        files = block_files(root, reg["block"])
+        runs = json.loads(files["json"].read_text())["runs"] if files["json"].exists() else {}
         out.append({"block": reg["block"], "registered": reg["registered"], "jobs": jobs, "committed": len(runs),
-                    "verdicts": (root / "experiments" / "results" / "blocks" / f"{reg['block']}.verdicts.json").exists(),
+                    "verdicts": files["verdicts"].exists(),
                     "registered_first": _registered_first(reg_path, runs), "plan": reg["plan"]})
     return out
 
