@@ -26,7 +26,7 @@ from .suites import SUITE_FIELDS, run_suites, suite_rows, with_suites
 __all__ = ['RESULT_FIELDS', 'TRACE_FIELDS', 'AblationSpec', 'load_spec', 'spec_content', 'train_seconds', 'knn_curve',
            'run_trace', 'config_record', 'same_config', 'result_path', 'run_one', 'run_baseline', 'table_files',
            'run_ablation', 'read_results', 'summarize', 'format_summary', 'plot_ablation', 'restore_runs',
-           'grid_status', 'format_status', 'export_table']
+           'grid_status', 'format_status', 'export_table', 'read_traces', 'plot_traces']
 
 # %% ../nbs/11_ablate.ipynb #d88f3810
 @dataclass
@@ -380,3 +380,37 @@ def export_table(spec: AblationSpec | str | Path | dict,  # the grid, or a spec 
     written = [atomic_write(dst[k], src[k].read_bytes()) for k in src if src[k].exists()]
     announce(f"export: {', '.join(p.name for p in written)} in {dst['table'].parent}", progress)
     return written
+
+# %% ../nbs/11_ablate.ipynb #e7a0c005
+def read_traces(path: str | Path) -> list[dict]:
+    "The rows of a traces.csv: variant, seed and step, then each `TRACE_FIELDS` value as a float (None where not logged)."
+    with open(path) as f:
+        return [{"variant": r["variant"], "seed": int(r["seed"]), "step": int(r["step"]),
+                 **{k: float(r[k]) if r.get(k, "") != "" else None for k in TRACE_FIELDS[1:]}} for r in csv.DictReader(f)]
+
+def plot_traces(rows: list[dict],  # `read_traces` rows
+                fields: list[str] = ("loss",),  # one panel each, of TRACE_FIELDS
+                out: str | Path | None = None,  # also write the figure here
+                title: str = "", logy: bool = False):
+    "Each field against the step, a line per variant: the mean over its seeds, the seeds' range as a band."
+    import matplotlib.pyplot as plt
+    bad = [f for f in fields if f not in TRACE_FIELDS[1:]]
+    if bad: raise ValueError(f"fields: {', '.join(bad)} not among {', '.join(TRACE_FIELDS[1:])}")
+    fig, axes = plt.subplots(1, len(fields), figsize=(3.4 * len(fields), 2.9), dpi=100, squeeze=False)
+    for ax, f in zip(axes[0], fields):
+        for v in dict.fromkeys(r["variant"] for r in rows):
+            by: dict = {}
+            for r in rows:
+                if r["variant"] == v and r[f] is not None: by.setdefault(r["step"], []).append(r[f])
+            if not by: continue
+            s = sorted(by)
+            line, = ax.plot(s, [sum(by[k]) / len(by[k]) for k in s], label=v, lw=1.2)
+            if max(len(x) for x in by.values()) > 1:
+                ax.fill_between(s, [min(by[k]) for k in s], [max(by[k]) for k in s], color=line.get_color(), alpha=0.2, lw=0)
+        ax.set_xlabel("step"); ax.set_title(f, fontsize=9); ax.grid(alpha=0.3)
+        if logy: ax.set_yscale("log")
+    axes[0][0].legend(fontsize=7)
+    if title: fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    if out is not None: fig.savefig(out)
+    return fig
