@@ -375,7 +375,7 @@ def export_table(spec: AblationSpec | str | Path | dict,  # the grid, or a spec 
     if dst["json"].exists():
         lost = sorted(set(json.loads(dst["json"].read_text())["runs"]) - set(json.loads(src["json"].read_text())["runs"]))
         if lost: raise ConfigError(f"{dst['table']} holds {len(lost)} run(s) that {src['table']} lacks ({', '.join(lost[:4])}"
-                                   f"{', ...' if len(lost) > 4 else ''}): restore them first (relicv2-ablate SPEC --restore "
+                                   f"{', ...' if len(lost) > 4 else ''}): restore them first (relicv2-ablate {spec.source or 'spec.yaml'} --restore "
                                    f"{dst['table']}), then export")
     written = [atomic_write(dst[k], src[k].read_bytes()) for k in src if src[k].exists()]
     announce(f"export: {', '.join(p.name for p in written)} in {dst['table'].parent}", progress)
